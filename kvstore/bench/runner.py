@@ -1,0 +1,276 @@
+"""``kvstore bench``: put/get throughput and latency of a daemon, with references.
+
+For each value size it times, in one run on one machine:
+
+* ``memcpy``: torch ``copy_`` of the same bytes into a preallocated buffer —
+  the ceiling for any local transfer;
+* ``kvstore-grpc``: the daemon through the gRPC byte stream;
+* ``kvstore-shm``: the daemon through the shared-memory path (values placed
+  in, and read into, buffers of the client's segment);
+* the peers a user would pick instead (Redis through redis-py, LMCache's two
+  servers through LMCache's own clients), when installed.
+
+Throughput is bytes moved / wall time of the timed iterations (one client,
+one request at a time); latencies are per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvstore.client import Client
+from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    target: str
+    size_bytes: int
+    put_gbps: float | None
+    get_gbps: float | None
+    put_p50_ms: float | None = None
+    put_p99_ms: float | None = None
+    get_p50_ms: float | None = None
+    get_p99_ms: float | None = None
+    note: str = ""
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(target: str, size: int, put_s: list[float], get_s: list[float]) -> Result:
+    def gbps(ts: list[float]) -> float | None:
+        return size * len(ts) / sum(ts) / 1e9 if ts else None
+
+    return Result(
+        target,
+        size,
+        gbps(put_s),
+        gbps(get_s),
+        percentile(put_s, 50) * 1e3 if put_s else None,
+        percentile(put_s, 99) * 1e3 if put_s else None,
+        percentile(get_s, 50) * 1e3 if get_s else None,
+        percentile(get_s, 99) * 1e3 if get_s else None,
+    )
+
+
+def bench_memcpy(size: int, iters: int) -> Result:
+    src = torch.empty(size, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty(size, dtype=torch.uint8)
+    dst.copy_(src)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return summarize("memcpy", size, ts, ts)
+
+
+@contextmanager
+def spawn_daemon(capacity: str = "4GiB") -> Iterator[str]:
+    """A daemon with one CPU tier on a free loopback port, stopped (SIGTERM) at exit."""
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(
+            "server: {host: 127.0.0.1, port: 0}\n"
+            f"tiers:\n  - {{name: cpu, kind: cpu, capacity: {capacity}, eviction: lru, on_evict: drop}}\n"
+        )
+        port_file = Path(tmp) / "port"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore.cli", "serve", "--config", str(cfg), "--port-file", str(port_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not port_file.exists() or not port_file.read_text():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited at start: {proc.stderr.read() if proc.stderr else ''}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemon did not start within 60 s")
+                time.sleep(0.05)
+            yield f"127.0.0.1:{port_file.read_text().strip()}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: bool, slots: int = 8) -> Result:
+    """Put then get ``iters`` values of ``size`` bytes (distinct content each time)."""
+    kb = KeyBuilder(Namespace("bench", "bench"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
+    keys = [kb.segment_key([size, i]) for i in range(slots)]
+    with Client(address, shm=shm, shm_bytes=max(64 * MiB, 3 * size + 8 * MiB), frame_bytes=4 * MiB) as c:
+        if shm:
+            src = c.buffer(size)
+            dst = c.buffer(size)
+            if src is None or dst is None:
+                return Result("kvstore-shm", size, None, None, note="shared memory unavailable")
+        else:
+            src = torch.empty(size, dtype=torch.uint8)
+            dst = torch.empty(size, dtype=torch.uint8)
+        src.random_(0, 255)
+        dst.zero_()
+        stamp = src[:8].view(torch.int64)
+        put_s: list[float] = []
+        get_s: list[float] = []
+        for i in range(warmup + iters):
+            key = keys[i % slots]
+            stamp[0] = i  # new content: the daemon must really store it
+            t0 = time.perf_counter()
+            c.put(key, src)
+            t1 = time.perf_counter()
+            meta = c.get_into(key, dst)
+            t2 = time.perf_counter()
+            if meta is None or not torch.equal(src, dst):
+                raise RuntimeError(f"kvstore returned wrong bytes for {size}-byte value {i}")
+            if i >= warmup:
+                put_s.append(t1 - t0)
+                get_s.append(t2 - t1)
+        c.delete(keys)
+    return summarize("kvstore-shm" if shm else "kvstore-grpc", size, put_s, get_s)
+
+
+def run(
+    sizes_mib: list[float],
+    iters: int,
+    warmup: int,
+    *,
+    address: str | None,
+    peers: list[str],
+    peer_python: str | None,
+    progress: bool,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    from tqdm import tqdm
+
+    sizes = [int(s * MiB) for s in sizes_mib]
+    steps = len(sizes) * (3 + len(peers))
+    bar = tqdm(total=steps, disable=not progress, desc="kvstore bench", unit="step", file=sys.stderr)
+    results: list[Result] = []
+    findings: list[dict[str, object]] = []
+    with spawn_daemon() if address is None else _given(address) as addr:
+        for size in sizes:
+            n = max(3, min(iters, int(iters * 4 * MiB / max(size, 1)) or 3))
+            results.append(bench_memcpy(size, n))
+            bar.update()
+            for shm in (False, True):
+                results.append(bench_kvstore(addr, size, n, warmup, shm=shm))
+                bar.update()
+    if peers:
+        from kvstore.bench import peers as peer_mod
+
+        for name in peers:
+            try:
+                results.extend(peer_mod.run_peer(name, sizes, iters, warmup, peer_python=peer_python))
+            except peer_mod.PeerUnavailable as exc:
+                results.append(Result(name, 0, None, None, note=f"n/a: {exc}"))
+            bar.update(len(sizes))
+        if "lmcache-mp" in peers or "lmcache-tcp" in peers:
+            try:
+                findings.extend(asdict(f) for f in peer_mod.run_findings(peer_python=peer_python))
+            except peer_mod.PeerUnavailable as exc:
+                findings.append({"finding": "peer findings", "observed": None, "details": f"n/a: {exc}"})
+    bar.close()
+    return {
+        "machine": machine(),
+        "results": [asdict(r) for r in results],
+        "findings": findings,
+    }
+
+
+@contextmanager
+def _given(address: str) -> Iterator[str]:
+    yield address
+
+
+def machine() -> str:
+    import platform
+
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def render_table(report: dict[str, object]) -> str:
+    rows = [r for r in report["results"] if isinstance(r, dict)]  # type: ignore[attr-defined]
+    ref = {r["size_bytes"]: r for r in rows if r["target"] == "memcpy"}
+
+    def f(x: object, spec: str = ".2f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        f"machine: {report['machine']}",
+        "",
+        f"{'size':>8} {'target':<14} {'put GB/s':>9} {'get GB/s':>9} {'put p50':>8} {'put p99':>8} "
+        f"{'get p50':>8} {'get p99':>8} {'get/memcpy':>10}",
+    ]
+    for r in rows:
+        size = r["size_bytes"]
+        m = ref.get(size)
+        ratio = r["get_gbps"] / m["get_gbps"] if m and r["get_gbps"] and m["get_gbps"] else None
+        lines.append(
+            f"{size / MiB:>6.0f}Mi {r['target']:<14} {f(r['put_gbps']):>9} {f(r['get_gbps']):>9} "
+            f"{f(r['put_p50_ms']):>8} {f(r['put_p99_ms']):>8} {f(r['get_p50_ms']):>8} {f(r['get_p99_ms']):>8} "
+            f"{f(ratio, '.0%'):>10}" + (f"  {r['note']}" if r["note"] else "")
+        )
+    lines.append("(latencies in ms; one client, one request at a time)")
+    for fd in report.get("findings", []) or []:  # type: ignore[attr-defined]
+        lines.append(f"finding: {fd['finding']}: observed={fd['observed']} — {fd['details']}")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if isinstance(r, dict) and r["size_bytes"]]  # type: ignore[attr-defined]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, what in zip(axes, ("put_gbps", "get_gbps"), strict=True):
+        for target in dict.fromkeys(r["target"] for r in rows):
+            pts = [(r["size_bytes"] / MiB, r[what]) for r in rows if r["target"] == target and r[what]]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=target)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("value size (MiB)")
+        ax.set_ylabel("GB/s")
+        ax.set_title(what.replace("_gbps", ""))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(str(report["machine"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def dump_json(report: dict[str, object]) -> str:
+    return json.dumps(report, indent=2)

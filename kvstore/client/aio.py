@@ -1,0 +1,483 @@
+"""AsyncClient: the asyncio client of the kvstore daemon.
+
+One channel, reused for every call.  Each call has a deadline; calls that
+fail with UNAVAILABLE are retried with exponential backoff (nothing else is:
+other errors are the caller's or the data's, and retrying cannot help).  Every
+error reaches the caller as a typed :class:`~kvstore.errors.KVStoreError`.
+
+Payloads move through a shared-memory segment when the daemon is on this
+host (it proves so by reading back a nonce), otherwise through the gRPC
+byte stream in frames of ``frame_bytes``.  ``shm="auto"`` (default) tries
+shared memory once and falls back silently; ``shm=False`` never tries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import grpc
+import torch
+
+from kvstore.chunk import ChunkMeta, checksum
+from kvstore.client.payload import Value, to_payload, to_tensor
+from kvstore.client.shm import ClientSegment
+from kvstore.tiers.memory import tensor_view
+from kvstore.errors import (
+    CorruptChunk,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    RemoteUnavailable,
+    error_for_status,
+)
+from kvstore.keys import ChunkKey
+from kvstore.server import frames
+from kvstore.server.service import meta_from_pb, meta_to_pb
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+KeyLike = ChunkKey | str
+DEFAULT_ADDRESS = "127.0.0.1:51061"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS settings of a client: the CA that signed the daemon's certificate,
+    and for mutual TLS the client's own certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    #: Expected name in the daemon's certificate when it differs from the host.
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    count: int
+    tiers: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A chunk fetched from the daemon: metadata and payload bytes."""
+
+    meta: ChunkMeta
+    data: memoryview
+
+    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return to_tensor(self.meta, self.data, device)
+
+
+def _key_text(key: KeyLike) -> str:
+    if isinstance(key, ChunkKey):
+        return str(key)
+    if isinstance(key, str):
+        return str(ChunkKey.parse(key))
+    raise InvalidArgument(f"a key must be a ChunkKey or its string form, not {type(key).__name__}")
+
+
+def _channel_options(frame_bytes: int) -> list[tuple[str, Any]]:
+    from kvstore.server.daemon import channel_options
+
+    return channel_options(frame_bytes)
+
+
+class AsyncClient:
+    """See the module docstring.  Use ``async with AsyncClient(...) as c:``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        frame_bytes: int = 4 << 20,
+        shm: bool | Literal["auto"] = "auto",
+        shm_bytes: int = 256 << 20,
+    ) -> None:
+        if not 4096 <= frame_bytes <= 64 << 20:
+            raise InvalidArgument(f"frame_bytes must be in [4 KiB, 64 MiB], got {frame_bytes}")
+        if timeout_s <= 0:
+            raise InvalidArgument(f"timeout_s must be positive, got {timeout_s}")
+        if retries < 0:
+            raise InvalidArgument(f"retries must be >= 0, got {retries}")
+        self.address = address
+        self._timeout = timeout_s
+        self._retries = retries
+        self._backoff = backoff_s
+        self._frame = frame_bytes
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        opts = _channel_options(frame_bytes)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=opts)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca.read_bytes(),
+                private_key=tls.key.read_bytes() if tls.key else None,
+                certificate_chain=tls.cert.read_bytes() if tls.cert else None,
+            )
+            if tls.server_name:
+                opts = [*opts, ("grpc.ssl_target_name_override", tls.server_name)]
+            self._channel = grpc.aio.secure_channel(address, creds, options=opts)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        # Put and Get with the fast data-frame codec (same bytes on the wire).
+        self._put_call = self._channel.stream_unary(
+            "/kvstore.v1.KVStore/Put", request_serializer=frames.encode, response_deserializer=pb.PutReply.FromString
+        )
+        self._get_call = self._channel.unary_stream(
+            "/kvstore.v1.KVStore/Get",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=frames.decoder(pb.GetFrame),
+        )
+        self._shm_mode = shm
+        self._shm_bytes = shm_bytes
+        self._segment: ClientSegment | None = None
+        self._shm_tried = False
+        self._shm_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------
+    async def close(self) -> None:
+        seg, self._segment = self._segment, None
+        if seg is not None:
+            with contextlib.suppress(KVStoreError, grpc.aio.AioRpcError):
+                await self._stub.ReleaseSegment(
+                    pb.ReleaseSegmentRequest(segment_id=seg.segment_id), metadata=self._metadata, timeout=2.0
+                )
+            seg.close()
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing --------------------------------------------------------------
+    async def _call(self, fn: Callable[[float], Awaitable[T]]) -> T:
+        """Run ``fn(timeout)`` with retries on UNAVAILABLE; map errors to typed ones."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await fn(max(0.001, remaining))
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
+                    delay = self._backoff * (2**attempt) * (0.5 + random.random())
+                    if loop.time() + delay < deadline:
+                        attempt += 1
+                        await asyncio.sleep(delay)
+                        continue
+                raise error_for_status(code.name, exc.details() or code.name) from None
+
+    # -- shared memory -------------------------------------------------------------
+    async def _shm(self) -> ClientSegment | None:
+        if self._shm_mode is False:
+            return None
+        if self._segment is not None or self._shm_tried:
+            return self._segment
+        async with self._shm_lock:
+            if self._shm_tried:
+                return self._segment
+            self._shm_tried = True
+            try:
+                seg = ClientSegment(self._shm_bytes)
+            except OSError:
+                if self._shm_mode is True:
+                    raise
+                return None
+            try:
+                reply = await self._call(
+                    lambda t: self._stub.RegisterSegment(
+                        pb.RegisterSegmentRequest(name=seg.name, size=seg.size, nonce=seg.nonce),
+                        metadata=self._metadata,
+                        timeout=t,
+                    )
+                )
+            except KVStoreError:
+                seg.close()
+                if self._shm_mode is True:
+                    raise
+                return None
+            seg.segment_id = reply.segment_id
+            seg.unlink()
+            self._segment = seg
+            return seg
+
+    def _forget_segment(self, seg: ClientSegment) -> None:
+        """The daemon no longer knows ``seg`` (it restarted; shared-memory calls
+        answer NOT_FOUND): this call goes over the stream, the next registers a
+        new segment (the old one's name is gone, so it cannot be registered again)."""
+        if self._segment is seg:
+            self._segment = None
+            self._shm_tried = False
+            seg.close()
+
+    @property
+    def uses_shm(self) -> bool:
+        return self._segment is not None
+
+    async def buffer(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 tensor inside the shared-memory segment (None without one).
+
+        Puts from it and gets into it (``get_into``) skip the client-side copy.
+        Free it with :meth:`free_buffer`.
+        """
+        seg = await self._shm()
+        return None if seg is None else seg.buffer(nbytes)
+
+    def free_buffer(self, t: torch.Tensor) -> None:
+        if self._segment is None:
+            raise InvalidArgument("no shared-memory segment")
+        self._segment.free_buffer(t)
+
+    # -- put -----------------------------------------------------------------------
+    async def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
+        """Store ``value`` (bytes or a tensor) under ``key``; returns the tier it landed in."""
+        return (await self.put_many([(key, value)], durable=durable))[0]
+
+    async def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
+        """Store several chunks in one request (one stream, or one shared-memory call)."""
+        if not items:
+            return []
+        seg = await self._shm()
+        # Over shared memory the daemon checksums the bytes itself: skip our pass.
+        prepared = [(_key_text(k), *to_payload(v, with_checksum=seg is None), v) for k, v in items]
+        if seg is not None:
+            try:
+                out = await self._put_shm(seg, prepared, durable)
+            except NotFound:
+                self._forget_segment(seg)
+                out = None
+            if out is not None:
+                return out
+            prepared = [(k, *to_payload(v), v) for k, _, _, v in prepared]
+        return await self._put_stream([(k, m, d) for k, m, d, _ in prepared], durable)
+
+    async def _put_shm(
+        self, seg: ClientSegment, prepared: list[tuple[str, ChunkMeta, memoryview, Value]], durable: bool
+    ) -> list[str] | None:
+        items: list[pb.ShmPutItem] = []
+        owned: list[int] = []
+        try:
+            for key, meta, data, value in prepared:
+                off = seg.offset_of(value) if isinstance(value, torch.Tensor) else None
+                if off is None:
+                    off = seg.alloc(meta.nbytes)
+                    if off is None:
+                        return None  # does not fit: use the stream
+                    owned.append(off)
+                    if meta.nbytes:
+                        seg.view(off, meta.nbytes).copy_(torch.frombuffer(data, dtype=torch.uint8))
+                items.append(
+                    pb.ShmPutItem(
+                        key=key,
+                        meta=meta_to_pb(meta),
+                        slice=pb.ShmSlice(segment_id=seg.segment_id, offset=off, length=meta.nbytes),
+                        daemon_checksum=True,
+                    )
+                )
+            req = pb.ShmPutRequest(items=items, durable=durable)
+            reply = await self._call(lambda t: self._stub.ShmPut(req, metadata=self._metadata, timeout=t))
+            return [r.tier for r in reply.results]
+        finally:
+            for off in owned:
+                seg.free(off)
+
+    async def _put_stream(self, prepared: list[tuple[str, ChunkMeta, memoryview]], durable: bool) -> list[str]:
+        frame = self._frame
+
+        async def stream() -> AsyncIterator[pb.PutFrame | memoryview]:
+            for key, meta, data in prepared:
+                yield pb.PutFrame(header=pb.PutHeader(key=key, meta=meta_to_pb(meta), durable=durable))
+                for off in range(0, meta.nbytes, frame):
+                    yield data[off : off + frame]
+
+        reply = await self._call(lambda t: self._put_call(stream(), metadata=self._metadata, timeout=t))
+        return [r.tier for r in reply.results]
+
+    # -- get -----------------------------------------------------------------------
+    async def get(self, key: KeyLike) -> Fetched | None:
+        """The chunk under ``key`` (metadata + bytes), or None."""
+        return (await self.get_many([key]))[0]
+
+    async def get_bytes(self, key: KeyLike) -> bytes | None:
+        got = await self.get(key)
+        return None if got is None else bytes(got.data)
+
+    async def get_tensor(self, key: KeyLike, device: str | torch.device = "cpu") -> torch.Tensor | None:
+        got = await self.get(key)
+        return None if got is None else got.tensor(device)
+
+    async def get_many(self, keys: Iterable[KeyLike]) -> list[Fetched | None]:
+        texts = [_key_text(k) for k in keys]
+        if not texts:
+            return []
+        seg = await self._shm()
+        if seg is not None:
+            try:
+                return await self._get_shm(seg, texts)
+            except NotFound:
+                self._forget_segment(seg)
+        return await self._get_stream(texts)
+
+    async def _get_shm(self, seg: ClientSegment, texts: list[str]) -> list[Fetched | None]:
+        out: list[Fetched | None] = []
+        for key in texts:
+            got = await self._get_shm_one(seg, key, None)
+            out.append(got)
+        return out
+
+    async def _get_shm_one(self, seg: ClientSegment, key: str, out: torch.Tensor | None) -> Fetched | None:
+        """One key through the segment: into ``out`` if it lives there, else a slice then a copy."""
+        room = 0 if out is None else out.numel() * out.element_size()
+        direct = None if out is None else seg.offset_of(out)
+        size_hint = room or 16 << 20
+        for _ in range(2):
+            off = direct if direct is not None else seg.alloc(size_hint)
+            if off is None:
+                break  # segment too full: use the stream
+            try:
+                req = pb.ShmGetRequest(
+                    items=[pb.ShmGetItem(key=key, slice=pb.ShmSlice(segment_id=seg.segment_id, offset=off, length=size_hint))]
+                )
+                reply = await self._call(lambda t: self._stub.ShmGet(req, metadata=self._metadata, timeout=t))
+                res = reply.results[0]
+                if not res.found:
+                    return None
+                meta = meta_from_pb(res.meta)
+                if not res.written:
+                    if out is not None:
+                        raise InvalidArgument(f"output has room for {room} bytes, the chunk has {meta.nbytes}")
+                    size_hint = meta.nbytes
+                    continue
+                src = seg.view(off, meta.nbytes)
+                if out is not None:
+                    if direct is None:
+                        out.view(torch.uint8).reshape(-1)[: meta.nbytes].copy_(src)
+                    return Fetched(meta, memoryview(b""))
+                data = bytearray(meta.nbytes)
+                if meta.nbytes:
+                    torch.frombuffer(data, dtype=torch.uint8).copy_(src)
+                return Fetched(meta, memoryview(data))
+            finally:
+                if direct is None and off is not None:
+                    seg.free(off)
+        got = (await self._get_stream([key]))[0]
+        if got is not None and out is not None:
+            _copy_into(out, got)
+            return Fetched(got.meta, memoryview(b""))
+        return got
+
+    async def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
+        """Copy the chunk's payload bytes into ``out`` (contiguous, CPU); returns its meta or None.
+
+        With ``out`` from :meth:`buffer`, the daemon writes straight into it.
+        """
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise InvalidArgument("get_into needs a contiguous CPU tensor")
+        text = _key_text(key)
+        seg = await self._shm()
+        if seg is not None:
+            try:
+                got = await self._get_shm_one(seg, text, out)
+                return None if got is None else got.meta
+            except NotFound:
+                self._forget_segment(seg)
+        fetched = (await self._get_stream([text], into=out))[0]
+        return None if fetched is None else fetched.meta
+
+    async def _get_stream(
+        self, texts: list[str], into: torch.Tensor | None = None
+    ) -> list[Fetched | None]:
+        """Get over the byte stream; with ``into`` (one key) frames land straight in it."""
+        dest: memoryview | None = None
+        if into is not None:
+            dest = tensor_view(into)
+
+        async def run(timeout: float) -> list[Fetched | None]:
+            out: list[Fetched | None] = [None] * len(texts)
+            call = self._get_call(
+                pb.GetRequest(keys=texts, frame_bytes=self._frame), metadata=self._metadata, timeout=timeout
+            )
+            buf: memoryview | None = None
+            meta: ChunkMeta | None = None
+            index = -1
+            filled = 0
+            async for frame in call:
+                if isinstance(frame, pb.GetFrame) and frame.WhichOneof("part") == "header":
+                    h = frame.header
+                    index = h.index
+                    if not h.found:
+                        continue
+                    meta = meta_from_pb(h.meta)
+                    if dest is not None:
+                        if meta.nbytes > dest.nbytes:
+                            call.cancel()
+                            raise InvalidArgument(
+                                f"output has room for {dest.nbytes} bytes, the chunk has {meta.nbytes}"
+                            )
+                        buf = dest[: meta.nbytes]
+                    else:
+                        buf = memoryview(bytearray(meta.nbytes))
+                    filled = 0
+                else:
+                    if buf is None or meta is None:
+                        raise RemoteUnavailable("daemon sent data without a header")
+                    data = frame if isinstance(frame, memoryview) else memoryview(frame.data)
+                    if filled + len(data) > meta.nbytes:
+                        raise RemoteUnavailable("daemon sent more bytes than the chunk has")
+                    buf[filled : filled + len(data)] = data
+                    filled += len(data)
+                if buf is not None and meta is not None and filled == meta.nbytes:
+                    out[index] = _finish(meta, buf, texts[index])
+                    meta = buf = None
+            if meta is not None:
+                raise RemoteUnavailable(f"stream ended inside chunk {texts[index]}")
+            return out
+
+        return await self._call(run)
+
+    # -- small RPCs ------------------------------------------------------------------
+    async def lookup(self, keys: Sequence[KeyLike]) -> LookupResult:
+        """How many leading keys the daemon has (in any tier), and where."""
+        req = pb.LookupRequest(keys=[_key_text(k) for k in keys])
+        reply = await self._call(lambda t: self._stub.Lookup(req, metadata=self._metadata, timeout=t))
+        return LookupResult(reply.count, list(reply.tiers))
+
+    async def exists(self, keys: Sequence[KeyLike]) -> list[bool]:
+        req = pb.ExistsRequest(keys=[_key_text(k) for k in keys])
+        reply = await self._call(lambda t: self._stub.Exists(req, metadata=self._metadata, timeout=t))
+        return list(reply.present)
+
+    async def delete(self, keys: Sequence[KeyLike]) -> list[bool]:
+        req = pb.DeleteRequest(keys=[_key_text(k) for k in keys])
+        reply = await self._call(lambda t: self._stub.Delete(req, metadata=self._metadata, timeout=t))
+        return list(reply.found)
+
+
+def _finish(meta: ChunkMeta, buf: memoryview, key: str) -> Fetched:
+    if checksum(buf) != meta.checksum:
+        raise CorruptChunk(f"chunk {key} arrived corrupted (checksum mismatch)")
+    return Fetched(meta, buf)
+
+
+def _copy_into(out: torch.Tensor, got: Fetched) -> None:
+    room = out.numel() * out.element_size()
+    if got.meta.nbytes > room:
+        raise InvalidArgument(f"output has room for {room} bytes, the chunk has {got.meta.nbytes}")
+    if got.meta.nbytes:
+        out.view(torch.uint8).reshape(-1)[: got.meta.nbytes].copy_(torch.frombuffer(got.data, dtype=torch.uint8))

@@ -1,0 +1,507 @@
+"""Daemon configuration: frozen dataclasses built once, at the edge.
+
+Sources, lowest precedence first: embedded defaults, a YAML file
+(``--config``), ``KVSTORE_*`` environment variables, command-line flags.
+Overrides address fields by dotted path: ``server.port``, ``tiers.cpu.capacity``
+(tiers by name), ``quotas.acme/llama``.  In the environment, ``__`` separates
+the parts: ``KVSTORE_SERVER__PORT=51062``, ``KVSTORE_TIERS__CPU__CAPACITY=2GiB``.
+Every value is validated here, and an error names the field and what it accepts.
+
+Sizes accept integers of bytes or strings such as ``512MiB``, ``4GiB``, ``1.5GB``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from kvstore.errors import ConfigError, InvalidArgument
+from kvstore.keys import Namespace
+from kvstore.store import TierSettings
+
+DEFAULT_PORT = 51061
+DEFAULT_FRAME_BYTES = 4 << 20
+DEFAULT_CPU_CAP = 8 << 30
+DEFAULT_DISK_CAP = 64 << 30
+TIER_KINDS = ("gpu", "cpu", "disk", "redis", "peer")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object, field_name: str) -> int:
+    """Bytes from an int or a string like '4GiB'; ConfigError naming ``field_name``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field_name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{field_name}: size must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{field_name}: expected a size such as 1048576, '512MiB' or '4GiB', got {value!r}")
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % (scale // 1024 or 1) == 0:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
+
+
+def _bool(value: object, field_name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{field_name}: expected true or false, got {value!r}")
+
+
+def _int(value: object, field_name: str, lo: int, hi: int) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError  # int() would silently truncate 80.5 to 80
+        out = int(value)  # type: ignore[call-overload]
+        assert isinstance(out, int)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field_name}: expected an integer in [{lo}, {hi}], got {value!r}") from None
+    if not lo <= out <= hi:
+        raise ConfigError(f"{field_name}: expected an integer in [{lo}, {hi}], got {out}")
+    return out
+
+
+def _seconds(value: object, field_name: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field_name}: expected seconds (a number), got {value!r}") from None
+    if not 0 < out <= 3600:
+        raise ConfigError(f"{field_name}: expected seconds in (0, 3600], got {out}")
+    return out
+
+
+def _str(value: object, field_name: str) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(f"{field_name}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _path(value: object, field_name: str) -> Path:
+    return Path(os.path.expanduser(_str(value, field_name)))
+
+
+def _opt_path(value: object, field_name: str) -> Path | None:
+    return None if value in (None, "") else _path(value, field_name)
+
+
+def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path | None = None
+    key: Path | None = None
+    #: CA bundle that client certificates must chain to; set it for mutual TLS.
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("server.tls: cert and key must be given together")
+        if self.client_ca is not None and self.cert is None:
+            raise ConfigError("server.tls.client_ca needs server.tls.cert and server.tls.key")
+        for name in ("cert", "key", "client_ca"):
+            p = getattr(self, name)
+            if p is not None and not p.is_file():
+                raise ConfigError(f"server.tls.{name}: {p} is not a readable file")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: Largest gRPC data frame the daemon sends; clients may ask for smaller.
+    frame_bytes: int = DEFAULT_FRAME_BYTES
+    #: Largest chunk accepted by Put.
+    max_chunk_bytes: int = 4 << 30
+    #: Most keys in one batched request.
+    max_batch: int = 65536
+    #: Token file (YAML: tokens: [{token, tenant, role}]); unset = no authentication.
+    token_file: Path | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    #: Allow the shared-memory fast path for clients on this host.
+    shm: bool = True
+    #: Most streams in flight at once (across clients); more wait.
+    max_concurrent_streams: int = 256
+    #: Seconds to let streams in flight finish on SIGTERM before cancelling them.
+    grace_s: float = 30.0
+    #: Prometheus metrics over HTTP (GET /metrics) on metrics_host:metrics_port; 0 = off.
+    #: Off by default so that several daemons (one per GPU, test fixtures) can share a
+    #: host; the Helm chart turns it on (9400).  No authentication: keep it on loopback
+    #: or a network only the scraper reaches.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("server.host must not be empty")
+        _int(self.port, "server.port", 0, 65535)
+        _int(self.frame_bytes, "server.frame_bytes", 4096, 64 << 20)
+        _int(self.max_chunk_bytes, "server.max_chunk_bytes", 1, 1 << 40)
+        _int(self.max_batch, "server.max_batch", 1, 1 << 24)
+        _int(self.max_concurrent_streams, "server.max_concurrent_streams", 1, 1 << 16)
+        if not 0 <= self.grace_s <= 3600:
+            raise ConfigError(f"server.grace_s: expected seconds in [0, 3600], got {self.grace_s}")
+        _int(self.metrics_port, "server.metrics_port", 0, 65535)
+        if not self.metrics_host:
+            raise ConfigError("server.metrics_host must not be empty")
+        if self.token_file is not None and not self.token_file.is_file():
+            raise ConfigError(f"server.token_file: {self.token_file} is not a readable file")
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig:
+    name: str
+    kind: str
+    capacity_bytes: int = 0
+    path: Path | None = None
+    url: str | None = None
+    settings: TierSettings = field(default_factory=TierSettings)
+    #: Codec applied when chunks are written to this tier ("raw" = as given).
+    codec: str = "raw"
+    #: Remote tiers only (None = the tier's default; docs/remote.md).  redis:
+    #: key_prefix, ttl_s, part_bytes, max_connections; peer: token_file; both:
+    #: timeout_s and the TLS files (rediss:// or kvstores:// URLs).
+    key_prefix: str | None = None
+    ttl_s: float | None = None
+    part_bytes: int | None = None
+    max_connections: int | None = None
+    timeout_s: float | None = None
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        where = f"tiers.{self.name}"
+        remote_only = {
+            "key_prefix": ("redis",), "ttl_s": ("redis",), "part_bytes": ("redis",), "max_connections": ("redis",),
+            "token_file": ("peer",), "timeout_s": ("redis", "peer"), "tls_ca": ("redis", "peer"),
+            "tls_cert": ("redis", "peer"), "tls_key": ("redis", "peer"),
+        }
+        for fname, kinds in remote_only.items():
+            if getattr(self, fname) is not None and self.kind not in kinds:
+                raise ConfigError(
+                    f"{where}.{_REMOTE_NAMES[fname]} applies only to {' and '.join(kinds)} tiers, not {self.kind!r}"
+                )
+        if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", self.name):
+            raise ConfigError(f"{where}.name must match [a-z][a-z0-9_-]{{0,31}}, got {self.name!r}")
+        if self.kind not in TIER_KINDS:
+            raise ConfigError(f"{where}.kind must be one of {list(TIER_KINDS)}, got {self.kind!r}")
+        if self.kind in ("cpu", "gpu", "disk") and self.capacity_bytes < 1 << 20:
+            raise ConfigError(f"{where}.capacity must be at least 1MiB, got {self.capacity_bytes}")
+        if self.kind == "disk" and self.path is None:
+            raise ConfigError(f"{where}.path is required for a disk tier")
+        if self.kind in ("redis", "peer") and not self.url:
+            raise ConfigError(f"{where}.url is required for a {self.kind} tier")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    server: ServerConfig
+    tiers: tuple[TierConfig, ...]
+    quotas: tuple[tuple[str, int], ...] = ()
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ConfigError("tiers: at least one tier is required")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tiers: names must be unique, got {names}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for printing the effective config."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [clean(x) for x in v]
+            return v
+
+        d = clean(asdict(self))
+        d["quotas"] = {ns: format_size(q) for ns, q in self.quotas}
+        for t in d["tiers"]:
+            t["capacity"] = format_size(t.pop("capacity_bytes"))
+            if t.get("url"):
+                t["url"] = _redact_url(t["url"])  # the effective config is printed at start
+            # Remote-tier options under their file names, and only those set.
+            for field_name, file_name in _REMOTE_NAMES.items():
+                value = t.pop(field_name)
+                if value is not None:
+                    t[file_name] = format_size(value) if field_name == "part_bytes" else value
+        return d  # type: ignore[no-any-return]
+
+
+# -- defaults ---------------------------------------------------------------
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvstore" / "chunks"
+
+
+def default_tree() -> dict[str, Any]:
+    """The embedded defaults, as the same plain tree a YAML file gives."""
+    avail = psutil.virtual_memory().available
+    cpu_cap = max(64 << 20, min(DEFAULT_CPU_CAP, avail // 4))
+    disk_dir = default_cache_dir()
+    probe = disk_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    disk_cap = max(64 << 20, min(DEFAULT_DISK_CAP, shutil.disk_usage(probe).free // 2))
+    return {
+        "server": {"host": "127.0.0.1", "port": DEFAULT_PORT},
+        "tiers": [
+            {"name": "cpu", "kind": "cpu", "capacity": cpu_cap, "eviction": "lru", "on_evict": "demote"},
+            {
+                "name": "disk",
+                "kind": "disk",
+                "capacity": disk_cap,
+                "path": str(disk_dir),
+                "write_through": True,
+                "on_evict": "drop",
+            },
+        ],
+        "quotas": {},
+        "log_level": "INFO",
+    }
+
+
+# -- overrides ---------------------------------------------------------------
+def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` (e.g. ``server.port``, ``tiers.cpu.capacity``) in ``tree``."""
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {dotted!r}: empty path")
+    head = parts[0]
+    if head == "tiers":
+        if len(parts) != 3:
+            raise ConfigError(f"override {dotted!r}: expected tiers.<name>.<field>")
+        for tier in tree["tiers"]:
+            if tier.get("name") == parts[1]:
+                tier[parts[2]] = value
+                return
+        raise ConfigError(
+            f"override {dotted!r}: no tier named {parts[1]!r}; tiers are {[t.get('name') for t in tree['tiers']]}"
+        )
+    if head == "quotas":
+        if len(parts) < 2:
+            raise ConfigError(f"override {dotted!r}: expected quotas.<tenant/model>")
+        tree.setdefault("quotas", {})[".".join(parts[1:])] = value
+        return
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+_SECTIONS = ("server", "tiers", "quotas", "log_level")
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``KVSTORE_SERVER__PORT=1`` -> ``("server.port", "1")``.
+
+    Only names whose first part is a config section count, so other
+    ``KVSTORE_*`` variables (e.g. test settings) are left alone.
+    """
+    out = []
+    for name, value in sorted(environ.items()):
+        if not name.startswith("KVSTORE_"):
+            continue
+        path = name[len("KVSTORE_") :].lower().split("__")
+        if path[0] in _SECTIONS:
+            out.append((".".join(path), value))
+    return out
+
+
+# -- building ---------------------------------------------------------------
+_SERVER_FIELDS = {
+    "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm",
+    "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host",
+}
+#: TierConfig field -> its name in a config file, for the remote-tier options.
+_REMOTE_NAMES = {
+    "key_prefix": "key_prefix", "ttl_s": "ttl", "part_bytes": "part_size", "max_connections": "max_connections",
+    "timeout_s": "timeout", "token_file": "token_file", "tls_ca": "tls_ca", "tls_cert": "tls_cert", "tls_key": "tls_key",
+}
+_TIER_FIELDS = {
+    "name", "kind", "capacity", "path", "url", "write_through", "on_evict", "eviction", "queue_depth",
+    "on_full", "workers", "codec",
+    "key_prefix", "ttl", "part_size", "max_connections", "timeout", "token_file", "tls_ca", "tls_cert", "tls_key",
+}
+
+
+def _redact_url(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    return re.sub(r"^([a-z+]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _build_server(d: Mapping[str, Any]) -> ServerConfig:
+    _check_keys(d, _SERVER_FIELDS, "server")
+    tls = d.get("tls") or {}
+    if not isinstance(tls, Mapping):
+        raise ConfigError("server.tls must be a mapping with cert, key, client_ca")
+    _check_keys(tls, {"cert", "key", "client_ca"}, "server.tls")
+    return ServerConfig(
+        host=_str(d.get("host", "127.0.0.1"), "server.host"),
+        port=_int(d.get("port", DEFAULT_PORT), "server.port", 0, 65535),
+        frame_bytes=parse_size(d.get("frame_bytes", DEFAULT_FRAME_BYTES), "server.frame_bytes"),
+        max_chunk_bytes=parse_size(d.get("max_chunk_bytes", 4 << 30), "server.max_chunk_bytes"),
+        max_batch=_int(d.get("max_batch", 65536), "server.max_batch", 1, 1 << 24),
+        token_file=_opt_path(d.get("token_file"), "server.token_file"),
+        tls=TLSConfig(
+            cert=_opt_path(tls.get("cert"), "server.tls.cert"),
+            key=_opt_path(tls.get("key"), "server.tls.key"),
+            client_ca=_opt_path(tls.get("client_ca"), "server.tls.client_ca"),
+        ),
+        shm=_bool(d.get("shm", True), "server.shm"),
+        max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),
+        grace_s=float(_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
+        metrics_port=_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),
+        metrics_host=_str(d.get("metrics_host", "127.0.0.1"), "server.metrics_host"),
+    )
+
+
+def _build_tier(d: Mapping[str, Any], i: int) -> TierConfig:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"tiers[{i}] must be a mapping")
+    name = _str(d.get("name", ""), f"tiers[{i}].name")
+    where = f"tiers.{name or i}"
+    _check_keys(d, _TIER_FIELDS, where)
+    defaults = TierSettings()
+    try:
+        settings = TierSettings(
+            write_through=_bool(d.get("write_through", False), f"{where}.write_through"),
+            on_evict=_str(d.get("on_evict", defaults.on_evict), f"{where}.on_evict"),  # type: ignore[arg-type]
+            eviction=_str(d.get("eviction", defaults.eviction), f"{where}.eviction"),
+            queue_depth=_int(d.get("queue_depth", defaults.queue_depth), f"{where}.queue_depth", 1, 1_000_000),
+            on_full=_str(d.get("on_full", defaults.on_full), f"{where}.on_full"),  # type: ignore[arg-type]
+            workers=_int(d.get("workers", defaults.workers), f"{where}.workers", 1, 64),
+        )
+    except ConfigError as exc:
+        msg = str(exc)
+        # TierSettings' own checks (on_evict, on_full) do not know which tier they are in.
+        raise ConfigError(msg if msg.startswith(where) else f"{where}.{msg}") from None
+    from kvstore.eviction import POLICIES
+
+    if settings.eviction not in POLICIES:
+        raise ConfigError(f"{where}.eviction must be one of {sorted(POLICIES)}, got {settings.eviction!r}")
+    return TierConfig(
+        name=name,
+        kind=_str(d.get("kind", ""), f"{where}.kind"),
+        capacity_bytes=parse_size(d.get("capacity", 0), f"{where}.capacity"),
+        path=_opt_path(d.get("path"), f"{where}.path"),
+        url=d.get("url"),
+        settings=settings,
+        codec=_str(d.get("codec", "raw"), f"{where}.codec"),
+        key_prefix=None if d.get("key_prefix") is None else _str(d["key_prefix"], f"{where}.key_prefix"),
+        ttl_s=None if d.get("ttl") is None else float(_int(d["ttl"], f"{where}.ttl", 0, 365 * 86400)),
+        part_bytes=None if d.get("part_size") is None else parse_size(d["part_size"], f"{where}.part_size"),
+        max_connections=(
+            None if d.get("max_connections") is None
+            else _int(d["max_connections"], f"{where}.max_connections", 1, 4096)
+        ),
+        timeout_s=None if d.get("timeout") is None else _seconds(d["timeout"], f"{where}.timeout"),
+        token_file=_opt_path(d.get("token_file"), f"{where}.token_file"),
+        tls_ca=_opt_path(d.get("tls_ca"), f"{where}.tls_ca"),
+        tls_cert=_opt_path(d.get("tls_cert"), f"{where}.tls_cert"),
+        tls_key=_opt_path(d.get("tls_key"), f"{where}.tls_key"),
+    )
+
+
+def build(tree: Mapping[str, Any]) -> DaemonConfig:
+    """Validate a plain tree (defaults + file + overrides) into a DaemonConfig."""
+    _check_keys(tree, {"server", "tiers", "quotas", "log_level"}, "config")
+    server = tree.get("server") or {}
+    if not isinstance(server, Mapping):
+        raise ConfigError("server must be a mapping")
+    tiers = tree.get("tiers")
+    if not isinstance(tiers, list):
+        raise ConfigError("tiers must be a list of tier mappings")
+    quotas_in = tree.get("quotas") or {}
+    if not isinstance(quotas_in, Mapping):
+        raise ConfigError("quotas must be a mapping of 'tenant/model' to a size")
+    quotas = []
+    for ns, size in quotas_in.items():
+        try:
+            Namespace.parse(str(ns))
+        except InvalidArgument as exc:
+            raise ConfigError(f"quotas: {exc}") from None
+        limit = parse_size(size, f"quotas.{ns}")
+        if limit <= 0:
+            raise ConfigError(f"quotas.{ns}: a quota must be a positive size, got {size!r}")
+        quotas.append((str(ns), limit))
+    return DaemonConfig(
+        server=_build_server(server),
+        tiers=tuple(_build_tier(t, i) for i, t in enumerate(tiers)),
+        quotas=tuple(quotas),
+        log_level=_str(tree.get("log_level", "INFO"), "log_level").upper(),
+    )
+
+
+def load(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: list[tuple[str, Any]] | None = None,
+) -> DaemonConfig:
+    """Defaults < YAML file < KVSTORE_* environment < ``overrides`` (flags)."""
+    tree = copy.deepcopy(default_tree())
+    if config_file is not None:
+        try:
+            text = Path(config_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {config_file}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {config_file} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {config_file} must hold a mapping at the top level")
+        for key, value in loaded.items():
+            tree[key] = value  # a file's `tiers:` replaces the default list whole
+    for dotted, value in env_overrides(os.environ if environ is None else environ):
+        apply_override(tree, dotted, value)
+    for dotted, value in overrides or []:
+        apply_override(tree, dotted, value)
+    return build(tree)

@@ -1,0 +1,89 @@
+"""A gRPC server interceptor that times RPCs and counts their status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    from kvstore.metrics.core import Metrics
+
+    InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    InterceptorBase = grpc.aio.ServerInterceptor
+
+#: Services not timed: health watches are long-lived streams, reflection is tooling.
+_UNTIMED = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class RpcInterceptor(InterceptorBase):
+    """Times each RPC (to its last reply message) and counts non-OK status codes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(_UNTIMED):
+            return handler
+        label = method.rsplit(".", 1)[-1]  # "/kvstore.v1.KVStore/Get" -> "KVStore/Get"
+        observe = self._metrics.observe_rpc
+        h: Any = handler
+        if h.unary_stream is not None or h.stream_stream is not None:
+            attr = "unary_stream" if h.unary_stream is not None else "stream_stream"
+            inner_gen = getattr(h, attr)
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                t0 = time.perf_counter()
+                code = "UNKNOWN"
+                try:
+                    async for item in inner_gen(request, context):
+                        yield item
+                    code = _code(context, "OK")
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"  # the client went away mid-stream
+                    raise
+                except BaseException:
+                    code = _code(context, "UNKNOWN")
+                    raise
+                finally:
+                    observe(label, time.perf_counter() - t0, code)
+
+            return h._replace(**{attr: streaming})  # type: ignore[no-any-return]
+        attr = "unary_unary" if h.unary_unary is not None else "stream_unary"
+        inner = getattr(h, attr)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            t0 = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                reply = await inner(request, context)
+                code = _code(context, "OK")
+                return reply
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _code(context, "UNKNOWN")
+                raise
+            finally:
+                observe(label, time.perf_counter() - t0, code)
+
+        return h._replace(**{attr: unary})  # type: ignore[no-any-return]
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return default

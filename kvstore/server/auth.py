@@ -1,0 +1,113 @@
+"""Bearer-token authentication and tenant authorisation.
+
+The token file is YAML::
+
+    tokens:
+      - token: "s3cret-a"      # at least 16 characters
+        tenant: acme
+        role: readwrite         # read | readwrite | admin
+
+A request carries ``authorization: Bearer <token>``.  ``read`` may get,
+lookup and check existence; ``readwrite`` may also put and delete; ``admin``
+may do all that for *every* tenant and use the admin service.  Other roles
+act only on keys whose tenant is their own.  Without a token file the daemon
+runs open: every request acts as an admin of the tenant named in its keys.
+
+Tokens are compared in constant time, and stored only as their blake3 hash.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import blake3
+import yaml
+
+from kvstore.errors import ConfigError, PermissionDenied, Unauthenticated
+from kvstore.keys import ChunkKey, Namespace
+
+Role = Literal["read", "readwrite", "admin"]
+ROLES: tuple[Role, ...] = ("read", "readwrite", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str | None  # None: open daemon, acts for any tenant
+    role: Role
+
+    def can_write(self) -> bool:
+        return self.role in ("readwrite", "admin")
+
+    def check_key(self, key: ChunkKey, *, write: bool = False) -> None:
+        self.check_namespace(key.namespace, write=write)
+
+    def check_namespace(self, ns: Namespace, *, write: bool = False) -> None:
+        if write and not self.can_write():
+            raise PermissionDenied(f"role {self.role!r} may not write; a readwrite or admin token is needed")
+        if self.role != "admin" and self.tenant is not None and ns.tenant != self.tenant:
+            # Same message whether or not the key exists: no existence oracle.
+            raise PermissionDenied(f"this token is for tenant {self.tenant!r} and may not access tenant {ns.tenant!r}")
+
+    def require_admin(self) -> None:
+        if self.role != "admin":
+            raise PermissionDenied("this operation needs a token with the admin role")
+
+
+OPEN = Principal(tenant=None, role="admin")
+
+
+def _digest(token: str) -> bytes:
+    return blake3.blake3(token.encode()).digest()
+
+
+class TokenTable:
+    """token -> Principal, loaded from a YAML token file."""
+
+    def __init__(self, entries: Sequence[tuple[str, Principal]]) -> None:
+        self._by_digest = {_digest(tok): p for tok, p in entries}
+
+    @classmethod
+    def load(cls, path: Path) -> TokenTable:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"server.token_file: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"server.token_file: {path} is not valid YAML: {exc}") from None
+        items = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"server.token_file: {path} must contain a non-empty list 'tokens'")
+        entries: list[tuple[str, Principal]] = []
+        for i, item in enumerate(items):
+            where = f"server.token_file tokens[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(f"{where} must be a mapping with token, tenant, role")
+            token, tenant, role = item.get("token"), item.get("tenant"), item.get("role", "readwrite")
+            if not isinstance(token, str) or len(token) < 16:
+                raise ConfigError(f"{where}.token must be a string of at least 16 characters")
+            if role not in ROLES:
+                raise ConfigError(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
+            if role != "admin" or tenant is not None:
+                if not isinstance(tenant, str):
+                    raise ConfigError(f"{where}.tenant must be a tenant name")
+                Namespace(tenant, "m")  # validates the tenant's spelling
+            entries.append((token, Principal(tenant=tenant, role=role)))
+        if len({t for t, _ in entries}) != len(entries):
+            raise ConfigError("server.token_file: tokens must be unique")
+        return cls(entries)
+
+    def authenticate(self, header: str | None) -> Principal:
+        if not header:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+        digest = _digest(token.strip())
+        for known, principal in self._by_digest.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        raise Unauthenticated("unknown token")

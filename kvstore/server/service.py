@@ -1,0 +1,415 @@
+"""The ``kvstore.v1.KVStore`` gRPC service.
+
+Every handler authenticates, validates everything it was sent, and maps
+expected failures (:class:`~kvstore.errors.KVStoreError`) to their one gRPC
+status with a message that says what was wrong.  Nothing becomes visible
+before its bytes are complete and match their checksum; a handler that fails
+leaves what was stored before it unchanged.  Checksums and large copies run
+in worker threads (xxhash and torch release the GIL), off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.errors import CapacityError, CorruptChunk, InvalidArgument, KVStoreError
+from kvstore.keys import ChunkKey
+from kvstore.metrics import Metrics
+from kvstore.server.auth import OPEN, Principal, TokenTable
+from kvstore.server.buffers import BufferPool
+from kvstore.server.shm import SegmentTable
+from kvstore.store import TieredStore
+from kvstore.tiers.memory import as_uint8_tensor
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIN_FRAME = 64 << 10
+#: Largest data frame a Put may carry: the largest ``frame_bytes`` a client
+#: may choose (client/aio.py), whatever frame size this daemon sends.
+MAX_PUT_FRAME = 64 << 20
+#: Largest data frame sent to a Get that names no frame size: a gRPC client
+#: with default options refuses messages over 4 MiB, tag and length included.
+PLAIN_CLIENT_FRAME = (4 << 20) - 64
+#: Payloads at least this large are checksummed / copied in a worker thread.
+THREAD_MIN = 8 << 20
+
+
+def meta_from_pb(m: pb.ChunkMeta, where: str = "meta") -> ChunkMeta:
+    try:
+        return ChunkMeta(
+            nbytes=m.nbytes,
+            checksum=m.checksum,
+            codec=m.codec or "raw",
+            codec_version=m.codec_version or 1,
+            dtype=m.dtype or "uint8",
+            shape=tuple(m.shape),
+            layout=m.layout or "LKTHD",
+        )
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+
+
+def meta_to_pb(m: ChunkMeta) -> pb.ChunkMeta:
+    return pb.ChunkMeta(
+        nbytes=m.nbytes,
+        checksum=m.checksum,
+        codec=m.codec,
+        codec_version=m.codec_version,
+        dtype=m.dtype,
+        shape=list(m.shape),
+        layout=m.layout,
+    )
+
+
+def parse_key(text: str, where: str = "key") -> ChunkKey:
+    try:
+        return ChunkKey.parse(text)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+
+
+class KVStoreService(pb_grpc.KVStoreServicer):
+    def __init__(
+        self,
+        store: TieredStore,
+        *,
+        tokens: TokenTable | None,
+        frame_bytes: int,
+        max_chunk_bytes: int,
+        max_batch: int,
+        shm: bool,
+        max_inflight_bytes: int = 2 << 30,
+        max_concurrent_streams: int = 256,
+        threads: int = 2,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._store = store
+        #: Traffic figures (kvstore.metrics): the daemon's, exported; else private.
+        self._metrics = metrics if metrics is not None else Metrics(store)
+        self._tokens = tokens
+        self._frame = frame_bytes
+        self._max_chunk = max_chunk_bytes
+        self._max_batch = max_batch
+        self._segments = SegmentTable() if shm else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
+        # Receive buffers of puts in flight are bounded, so a flood of puts
+        # gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
+        self._inflight = 0
+        self._max_inflight = max_inflight_bytes
+        self._buffers = BufferPool()
+        self._streams = asyncio.Semaphore(max_concurrent_streams)
+        self.requests = 0
+
+    def close(self) -> None:
+        if self._segments is not None:
+            self._segments.close()
+        self._pool.shutdown(wait=True)
+
+    # -- plumbing ----------------------------------------------------------
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        if self._tokens is None:
+            return OPEN
+        header = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+        return self._tokens.authenticate(header)
+
+    async def _run(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
+        self.requests += 1
+        try:
+            return await fn()
+        except KVStoreError as exc:
+            code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN)
+            await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+
+    async def _offload(self, n: int, fn: Callable[..., T], *args: Any) -> T:
+        if n < THREAD_MIN:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _keys(self, texts: Sequence[str], principal: Principal, *, write: bool = False) -> list[ChunkKey]:
+        if len(texts) > self._max_batch:
+            raise InvalidArgument(f"{len(texts)} keys in one request; at most {self._max_batch}")
+        keys = [parse_key(t, f"keys[{i}]") for i, t in enumerate(texts)]
+        for k in keys:
+            principal.check_key(k, write=write)
+        return keys
+
+    def _check_meta(self, meta: ChunkMeta, where: str) -> None:
+        if meta.nbytes > self._max_chunk:
+            raise CapacityError(
+                f"{where}: chunk of {meta.nbytes} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
+            )
+
+    def _reserve(self, n: int) -> None:
+        if self._inflight + n > self._max_inflight:
+            raise CapacityError(
+                f"the daemon is receiving {self._inflight} bytes already and may buffer at most "
+                f"{self._max_inflight}; retry later or use smaller chunks"
+            )
+        self._inflight += n
+
+    # -- Put -----------------------------------------------------------------
+    async def Put(
+        self, request_iterator: AsyncIterator[pb.PutFrame | memoryview], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PutReply:
+        async def run() -> pb.PutReply:
+            principal = self._principal(context)
+            async with self._streams:
+                return await self._put_stream(request_iterator, principal)
+
+        return await self._run(context, run)
+
+    async def _put_stream(
+        self, frames: AsyncIterator[pb.PutFrame | memoryview], principal: Principal
+    ) -> pb.PutReply:
+        """Frames arrive as PutFrame headers, or (fast path, see frames.py) as
+        memoryviews of data; a PutFrame carrying data is accepted too."""
+        results: list[pb.PutResult] = []
+        # State of the chunk being received (header seen, bytes still coming).
+        key: ChunkKey | None = None
+        meta: ChunkMeta | None = None
+        durable = False
+        buf: bytearray | None = None
+        filled = 0
+        started = 0.0  # when the current chunk's header arrived
+        try:
+            async for frame in frames:
+                if isinstance(frame, memoryview):
+                    part, data = "data", frame
+                else:
+                    part = frame.WhichOneof("part")
+                    data = memoryview(frame.data)
+                if part == "header":
+                    assert isinstance(frame, pb.PutFrame)
+                    if meta is not None:
+                        raise InvalidArgument(
+                            f"chunk {len(results)}: new header after {filled} of {meta.nbytes} bytes"
+                        )
+                    header = frame.header
+                    started = time.perf_counter()
+                    where = f"chunk {len(results)}"
+                    key = parse_key(header.key, f"{where}.key")
+                    principal.check_key(key, write=True)
+                    if not header.HasField("meta"):
+                        raise InvalidArgument(f"{where}: header has no meta")
+                    meta = meta_from_pb(header.meta, f"{where}.meta")
+                    self._check_meta(meta, where)
+                    self._reserve(meta.nbytes)
+                    durable = header.durable
+                    buf = self._buffers.take(meta.nbytes)
+                    filled = 0
+                elif part == "data":
+                    if meta is None or buf is None:
+                        raise InvalidArgument("data frame before any header: send a PutHeader first")
+                    if len(data) > MAX_PUT_FRAME:
+                        raise InvalidArgument(f"data frame of {len(data)} bytes; frames may be at most {MAX_PUT_FRAME}")
+                    if filled + len(data) > meta.nbytes:
+                        raise InvalidArgument(
+                            f"chunk {len(results)}: {filled + len(data)} bytes received, header said {meta.nbytes}"
+                        )
+                    buf[filled : filled + len(data)] = data
+                    filled += len(data)
+                else:
+                    raise InvalidArgument("empty PutFrame: set header or data")
+                if meta is not None and buf is not None and key is not None and filled == meta.nbytes:
+                    done, done_meta = buf, meta
+                    meta, buf = None, None
+                    try:
+                        results.append(await self._commit(key, done_meta, done, durable))
+                        elapsed = time.perf_counter() - started
+                        self._metrics.record_write(key, results[-1].tier, done_meta.nbytes, elapsed)
+                    finally:
+                        self._inflight -= done_meta.nbytes
+                        self._buffers.give(done)
+        finally:
+            if meta is not None:
+                # An unfinished chunk: its bytes are dropped and nothing is stored.
+                self._inflight -= meta.nbytes
+        if meta is not None:
+            raise InvalidArgument(f"stream ended inside chunk {len(results)}: {filled} of {meta.nbytes} bytes received")
+        return pb.PutReply(results=results)
+
+    async def _commit(self, key: ChunkKey, meta: ChunkMeta, buf: bytearray, durable: bool) -> pb.PutResult:
+        view = memoryview(buf)[: meta.nbytes]
+        got = await self._offload(meta.nbytes, checksum, view)
+        if got != meta.checksum:
+            raise CorruptChunk(f"chunk {key}: payload fails its checksum (xxh3 {got:#x}, header {meta.checksum:#x})")
+        tier = await self._store.put(key, Chunk(meta, view), durable=durable, verified=True)
+        return pb.PutResult(key=str(key), tier=tier)
+
+    # -- Get -----------------------------------------------------------------
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GetFrame | memoryview]:
+        self.requests += 1
+        try:
+            principal = self._principal(context)
+            keys = self._keys(request.keys, principal)
+            if request.frame_bytes == 0:
+                frame = min(self._frame, PLAIN_CLIENT_FRAME)
+            else:
+                frame = max(MIN_FRAME, min(self._frame, request.frame_bytes))
+        except KVStoreError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+            return
+        async with self._streams:
+            for i, key in enumerate(keys):
+                started, tier = time.perf_counter(), self._store.locate(key)
+                chunk = await self._store.get(key)
+                if chunk is None:
+                    self._metrics.record_miss(key)
+                    yield pb.GetFrame(header=pb.GetHeader(index=i, key=request.keys[i], found=False))
+                    continue
+                with chunk:
+                    yield pb.GetFrame(
+                        header=pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
+                    )
+                    payload = chunk.payload
+                    for off in range(0, chunk.meta.nbytes, frame):
+                        # Encoded (copied) by frames.encode when sent, before we resume.
+                        yield payload[off : off + frame]
+                self._metrics.record_read(key, tier, chunk.meta.nbytes, time.perf_counter() - started)
+
+    # -- small batched RPCs ----------------------------------------------------
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.LookupReply:
+        async def run() -> pb.LookupReply:
+            keys = self._keys(request.keys, self._principal(context))
+            res = await self._store.lookup(keys)
+            self._metrics.record_lookup(len(keys), res.count)
+            return pb.LookupReply(count=res.count, tiers=res.tiers)
+
+        return await self._run(context, run)
+
+    async def Exists(self, request: pb.ExistsRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ExistsReply:
+        async def run() -> pb.ExistsReply:
+            keys = self._keys(request.keys, self._principal(context))
+            return pb.ExistsReply(present=await self._store.exists_many(keys))
+
+        return await self._run(context, run)
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DeleteReply:
+        async def run() -> pb.DeleteReply:
+            keys = self._keys(request.keys, self._principal(context), write=True)
+            return pb.DeleteReply(found=[await self._store.delete(k) for k in keys])
+
+        return await self._run(context, run)
+
+    # -- shared memory -----------------------------------------------------------
+    def _segs(self) -> SegmentTable:
+        if self._segments is None:
+            from kvstore.server.shm import FailedPrecondition
+
+            raise FailedPrecondition("the shared-memory path is disabled on this daemon (server.shm: false)")
+        return self._segments
+
+    async def RegisterSegment(
+        self, request: pb.RegisterSegmentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterSegmentReply:
+        async def run() -> pb.RegisterSegmentReply:
+            principal = self._principal(context)
+            seg_id = self._segs().register(request.name, request.size, request.nonce, principal.tenant)
+            return pb.RegisterSegmentReply(segment_id=seg_id)
+
+        return await self._run(context, run)
+
+    async def ReleaseSegment(
+        self, request: pb.ReleaseSegmentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReleaseSegmentReply:
+        async def run() -> pb.ReleaseSegmentReply:
+            self._segs().release(request.segment_id, self._principal(context).tenant)
+            return pb.ReleaseSegmentReply()
+
+        return await self._run(context, run)
+
+    async def ShmPut(self, request: pb.ShmPutRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PutReply:
+        async def run() -> pb.PutReply:
+            principal = self._principal(context)
+            segs = self._segs()
+            if len(request.items) > self._max_batch:
+                raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
+            staged = []
+            for i, item in enumerate(request.items):
+                where = f"items[{i}]"
+                key = parse_key(item.key, f"{where}.key")
+                principal.check_key(key, write=True)
+                meta = meta_from_pb(item.meta, f"{where}.meta")
+                self._check_meta(meta, where)
+                if item.slice.length != meta.nbytes:
+                    raise InvalidArgument(
+                        f"{where}: slice length {item.slice.length} differs from meta.nbytes {meta.nbytes}"
+                    )
+                seg = segs.get(item.slice.segment_id, principal.tenant)
+                staged.append((key, meta, seg.view(item.slice.offset, item.slice.length), item.daemon_checksum))
+            # Every item is checked before any is stored: a failed request stores nothing.
+            started = time.perf_counter()
+            checked = []
+            for i, (key, meta, view, ours) in enumerate(staged):
+                got = await self._offload(meta.nbytes, checksum, view)
+                if ours:
+                    meta = dataclasses.replace(meta, checksum=got)
+                elif got != meta.checksum:
+                    raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
+                checked.append((key, meta, view))
+            results = []
+            for key, meta, view in checked:
+                tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True)
+                results.append(pb.PutResult(key=str(key), tier=tier))
+            elapsed = time.perf_counter() - started
+            written = [(k, r.tier, m.nbytes) for (k, m, _), r in zip(checked, results, strict=True)]
+            self._metrics.record_writes(written, elapsed)
+            return pb.PutReply(results=results)
+
+        return await self._run(context, run)
+
+    async def ShmGet(self, request: pb.ShmGetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ShmGetReply:
+        async def run() -> pb.ShmGetReply:
+            principal = self._principal(context)
+            segs = self._segs()
+            if len(request.items) > self._max_batch:
+                raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
+            targets = []
+            for i, item in enumerate(request.items):
+                key = parse_key(item.key, f"items[{i}].key")
+                principal.check_key(key)
+                seg = segs.get(item.slice.segment_id, principal.tenant)
+                targets.append((key, seg.view(item.slice.offset, item.slice.length)))
+            results = []
+            for key, dst in targets:
+                started, tier = time.perf_counter(), self._store.locate(key)
+                chunk = await self._store.get(key)
+                if chunk is None:
+                    self._metrics.record_miss(key)
+                    results.append(pb.ShmGetResult(found=False))
+                    continue
+                with chunk:
+                    n = chunk.meta.nbytes
+                    if n > dst.nbytes:
+                        results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
+                        continue
+                    await self._offload(n, _copy, dst[:n], chunk.payload)
+                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
+                self._metrics.record_read(key, tier, n, time.perf_counter() - started)
+            return pb.ShmGetReply(results=results)
+
+        return await self._run(context, run)
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    if dst.nbytes:
+        torch.frombuffer(dst, dtype=torch.uint8).copy_(as_uint8_tensor(src))

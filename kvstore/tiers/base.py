@@ -1,0 +1,123 @@
+"""The tier interface.
+
+A *tier* stores chunks: GPU memory, CPU memory, local disk, a remote store.
+It does **not** decide what to evict; the :class:`~kvstore.store.TieredStore`
+does that with the tier's eviction policy, asking the tier whether a chunk
+:meth:`Tier.fits` and deleting victims until it does.  Networked tiers whose
+server evicts on its own (Redis with ``maxmemory``) set ``managed = False``.
+
+Primitives and when they are called:
+
+* :meth:`open` once, before any other call (the disk tier rebuilds its index
+  here, without reading payloads); :meth:`close` once at the end.
+* :meth:`put` stores a chunk under a key, replacing any previous value.  The
+  store calls it only after :meth:`fits` said yes (for managed tiers), but a
+  tier must still raise :class:`~kvstore.errors.CapacityError` rather than
+  exceed its capacity.  A put that fails or is cancelled leaves nothing visible.
+* :meth:`get` returns the chunk or ``None``.  A chunk whose bytes fail their
+  checksum is dropped, counted in ``corrupt`` and reported as a miss: it is
+  never served.
+* :meth:`contains_many` answers presence for a batch of keys (one round trip
+  for networked tiers); :meth:`delete` removes a key and returns bytes freed.
+* :meth:`entries` lists (key, nbytes) of what a managed tier holds, so the
+  store can seed its eviction policy after :meth:`open`.
+
+All methods are coroutines so that slow, fallible, networked tiers fit the
+same interface; in-memory tiers simply never suspend in the fast path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from kvstore.chunk import Chunk
+from kvstore.keys import ChunkKey
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """Monotonic counters a tier keeps about itself (the store adds its own)."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    deletes: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    name: str
+    kind: str
+    capacity_bytes: int
+    used_bytes: int
+    chunks: int
+    counters: TierCounters = field(default_factory=TierCounters)
+
+
+class Tier(ABC):
+    """A place that stores chunks; see the module docstring for the contract."""
+
+    kind: ClassVar[str]
+    #: True when the store runs eviction for this tier (it knows everything held).
+    managed: ClassVar[bool] = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counters = TierCounters()
+
+    async def open(self) -> None:
+        """Prepare the tier (allocate, scan, connect).  Default: nothing."""
+
+    async def close(self) -> None:
+        """Release everything the tier holds open.  Default: nothing."""
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def fits(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would succeed now, without eviction."""
+
+    @abstractmethod
+    async def put(self, key: ChunkKey, chunk: Chunk) -> None: ...
+
+    @abstractmethod
+    async def get(self, key: ChunkKey) -> Chunk | None: ...
+
+    @abstractmethod
+    def contains(self, key: ChunkKey) -> bool:
+        """Presence from the tier's local index (may be stale for networked tiers)."""
+
+    async def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    @abstractmethod
+    async def delete(self, key: ChunkKey) -> int: ...
+
+    @abstractmethod
+    def entries(self) -> Iterable[tuple[ChunkKey, int]]: ...
+
+    def stats(self) -> TierStats:
+        return TierStats(
+            name=self.name,
+            kind=self.kind,
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self.used_bytes,
+            chunks=len(self),
+            counters=TierCounters(**{f: getattr(self.counters, f) for f in TierCounters.__slots__}),
+        )

@@ -1,0 +1,1 @@
+"""Tests of the Admin service and ``kvstore admin``, against real daemon processes."""

@@ -1,0 +1,1 @@
+"""Tests of the daemon's clients (``kvstore.Client``, ``kvstore.AsyncClient``)."""

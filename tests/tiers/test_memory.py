@@ -1,0 +1,139 @@
+"""The memory tiers (cpu, and gpu where CUDA exists): arena, views, capacity."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from kvstore.chunk import Chunk
+from kvstore.errors import CapacityError, Closed, ConfigError, InvalidArgument
+from kvstore.keys import ChunkKey, Namespace
+from kvstore.tiers.cpu import CpuTier, CpuTierConfig
+from kvstore.tiers.gpu import GpuTier, GpuTierConfig
+from kvstore.tiers.memory import MemoryTier
+
+MiB = 1 << 20
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(Namespace("t", "m"), "0" * 16, "s" + f"{i:064x}")
+
+
+@pytest.fixture
+async def tier() -> CpuTier:
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=2 * MiB, prefault=False))
+    await t.open()
+    yield t
+    await t.close()
+
+
+async def test_round_trip_views(tier: CpuTier) -> None:
+    await tier.put(key(1), Chunk.from_bytes(b"hello" * 100))
+    chunk = await tier.get(key(1))
+    assert chunk is not None
+    with chunk:
+        assert bytes(chunk.payload) == b"hello" * 100
+        chunk.verify()
+    assert tier.counters.hits == 1 and (await tier.get(key(2))) is None and tier.counters.misses == 1
+
+
+async def test_capacity_is_hard(tier: CpuTier) -> None:
+    await tier.put(key(1), Chunk.from_bytes(bytes(MiB + 1)))
+    assert not tier.fits(MiB)
+    with pytest.raises(CapacityError):
+        await tier.put(key(2), Chunk.from_bytes(bytes(MiB)))
+    assert tier.used_bytes <= tier.capacity_bytes
+
+
+async def test_deleted_chunk_stays_readable_while_held(tier: CpuTier) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    await tier.put(key(1), Chunk.from_bytes(data))
+    held = await tier.get(key(1))
+    assert held is not None
+    await tier.delete(key(1))
+    assert not tier.contains(key(1))
+    # Its bytes still count as used, so a new put cannot reuse them...
+    assert tier.used_bytes >= MiB
+    with pytest.raises(CapacityError):
+        await tier.put(key(2), Chunk.from_bytes(bytes(MiB + MiB // 2)))
+    assert bytes(held.payload) == data
+    held.release()
+    assert tier.used_bytes == 0  # ...until the reader lets go
+    await tier.put(key(2), Chunk.from_bytes(bytes(MiB + MiB // 2)))
+
+
+async def test_overwrite_frees_old_block(tier: CpuTier) -> None:
+    for v in range(10):
+        await tier.put(key(1), Chunk.from_bytes(bytes([v]) * 700_000))
+    assert len(tier) == 1 and tier.used_bytes < 800_000
+    chunk = await tier.get(key(1))
+    assert chunk is not None and bytes(chunk.payload[:1]) == b"\x09"
+    chunk.release()
+
+
+async def test_large_copy_runs_off_loop_and_cancel_is_safe() -> None:
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=64 * MiB, prefault=False))
+    await t.open()
+    try:
+        big = Chunk.from_bytes(bytes(32 * MiB))
+        task = asyncio.create_task(t.put(key(1), big))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not t.contains(key(1))
+        await asyncio.sleep(0.5)  # the copy thread finishes and frees its block
+        assert t.used_bytes == 0
+    finally:
+        await t.close()
+
+
+async def test_payload_length_must_match_meta(tier: CpuTier) -> None:
+    c = Chunk.from_bytes(b"abc")
+    c.payload = memoryview(b"abcd")
+    with pytest.raises(InvalidArgument):
+        await tier.put(key(1), c)
+
+
+async def test_closed_tier_refuses() -> None:
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=MiB, prefault=False))
+    with pytest.raises(Closed):
+        await t.get(key(1))
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="cpu.capacity_bytes"):
+        CpuTierConfig(capacity_bytes=10)
+    with pytest.raises(ConfigError, match="cpu.copy_threads"):
+        CpuTierConfig(capacity_bytes=MiB, copy_threads=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
+def test_gpu_tier_refused_without_cuda() -> None:
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        GpuTier("gpu", GpuTierConfig(capacity_bytes=MiB))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CI)")
+async def test_gpu_tier_round_trip() -> None:
+    t = GpuTier("gpu", GpuTierConfig(capacity_bytes=64 * MiB))
+    await t.open()
+    try:
+        data = torch.randint(0, 255, (8 * MiB,), dtype=torch.uint8)
+        await t.put(key(1), Chunk.from_bytes(memoryview(data.numpy())))  # type: ignore[arg-type]
+        got = t.get_tensor(key(1))
+        assert got is not None and got[1].device.type == "cuda"
+        assert torch.equal(got[1].cpu(), data)
+        chunk = await t.get(key(1))
+        assert chunk is not None
+        with chunk:
+            chunk.verify()
+    finally:
+        await t.close()
+
+
+def test_memory_tier_is_the_shared_base() -> None:
+    assert issubclass(CpuTier, MemoryTier) and issubclass(GpuTier, MemoryTier)
