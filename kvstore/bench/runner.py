@@ -181,7 +181,20 @@ def run(
 
         for name in peers:
             try:
-                results.extend(peer_mod.run_peer(name, sizes, iters, warmup, peer_python=peer_python))
+                for pr in peer_mod.run_peer(name, sizes, iters, warmup, peer_python=peer_python):
+                    results.append(
+                        Result(
+                            pr.peer,
+                            pr.size_bytes,
+                            pr.put_gbps,
+                            pr.get_gbps,
+                            pr.put_p50_ms,
+                            pr.put_p99_ms,
+                            pr.get_p50_ms,
+                            pr.get_p99_ms,
+                            pr.note,
+                        )
+                    )
             except peer_mod.PeerUnavailable as exc:
                 results.append(Result(name, 0, None, None, note=f"n/a: {exc}"))
             bar.update(len(sizes))

@@ -14,7 +14,7 @@ from kvstore.store import NamespaceMoves, TieredStore
 
 if TYPE_CHECKING:
     from kvstore.metrics.http import MetricsServer
-    from kvstore.metrics.interceptor import InterceptorBase
+    import grpc
 
 #: Seconds a tier stays unhealthy after its error count last grew.
 HEALTH_WINDOW_S = 60.0
@@ -192,7 +192,7 @@ class Metrics:
             self._rpc_errors[(method, code)] += 1
 
     @property
-    def interceptor(self) -> InterceptorBase:
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
         """A server interceptor that times every RPC and counts its status codes."""
         from kvstore.metrics.interceptor import RpcInterceptor
 

@@ -12,16 +12,12 @@ import grpc
 if TYPE_CHECKING:
     from kvstore.metrics.core import Metrics
 
-    InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    InterceptorBase = grpc.aio.ServerInterceptor
 
 #: Services not timed: health watches are long-lived streams, reflection is tooling.
 _UNTIMED = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class RpcInterceptor(InterceptorBase):
+class RpcInterceptor(grpc.aio.ServerInterceptor):
     """Times each RPC (to its last reply message) and counts non-OK status codes."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -29,9 +25,9 @@ class RpcInterceptor(InterceptorBase):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> _Handler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(_UNTIMED):
@@ -59,7 +55,8 @@ class RpcInterceptor(InterceptorBase):
                 finally:
                     observe(label, time.perf_counter() - t0, code)
 
-            return h._replace(**{attr: streaming})  # type: ignore[no-any-return]
+            replaced: grpc.RpcMethodHandler[Any, Any] = h._replace(**{attr: streaming})
+            return replaced
         attr = "unary_unary" if h.unary_unary is not None else "stream_unary"
         inner = getattr(h, attr)
 
@@ -79,7 +76,8 @@ class RpcInterceptor(InterceptorBase):
             finally:
                 observe(label, time.perf_counter() - t0, code)
 
-        return h._replace(**{attr: unary})  # type: ignore[no-any-return]
+        wrapped: grpc.RpcMethodHandler[Any, Any] = h._replace(**{attr: unary})
+        return wrapped
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:

@@ -91,7 +91,7 @@ def _get(service: KVStoreService) -> Callable[[Any, Any], AsyncIterator[Any]]:
     return handle
 
 
-def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler[Any, Any]:
+def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
     """The KVStore service's handlers, with fast data-frame (de)serialisers for
     Put and Get (see :mod:`kvstore.server.frames`); the wire format is unchanged.
     Malformed requests are answered INVALID_ARGUMENT (see :func:`_lenient`)."""
