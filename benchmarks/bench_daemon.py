@@ -7,7 +7,10 @@ need `bash benchmarks/peers/install.sh` (LMCache in its own virtualenv) and a
 `redis-server` binary; missing ones are reported as n/a.  Goals (issue 3):
 gRPC get faster than Redis and at least half of LMCache's raw-TCP get;
 shared-memory get and put each at least 2x LMCache's shared-memory server and
-at least 50% of the memcpy measured in the same run.
+at least 50% of the memcpy measured in the same run.  It prints the ratio of
+each goal at each size under the table.  Run it under
+`flock /tmp/kvstore-bench.lock` on a shared machine; the latest tables are in
+docs/benchmarks/daemon.md.
 """
 
 from __future__ import annotations

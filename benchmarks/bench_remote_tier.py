@@ -12,11 +12,14 @@ For each payload size, one asyncio client at a time, in alternating blocks
 operation on a fresh key:
 
 * raw: redis-py's asyncio client ``SET`` / ``GET`` of the whole payload as
-  one value (``RedisCluster`` for the cluster), with the connection settings
-  the tier uses (1 MiB socket reads);
+  one value under one key (``RedisCluster`` for the cluster: one key, one
+  node), hiredis parser, with the connection settings the tier gives its own
+  redis-py client (1 MiB socket reads, keepalive, no socket timeout);
 * tier: :class:`~kvstore.tiers.redis.RedisTier` ``put`` / ``get`` of the same
-  bytes: split into 4 MiB parts plus a manifest, fetched with one pipeline
-  (per node, in parallel, on the cluster), joined and checked with xxh3.
+  bytes: split into 4 MiB parts plus a manifest; a get reads the manifest
+  through redis-py, then the parts with the tier's part reader (pipelined
+  per node, nodes in parallel on the cluster, received in place) and checks
+  the chunk's xxh3.
 
 Reported: GB/s from the median time (``--reps`` operations per side at 32 MiB,
 proportionally more for smaller payloads), the tier / raw ratio of the
@@ -44,6 +47,10 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
 import redis.asyncio.cluster  # noqa: E402
+from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 from kvstore.chunk import Chunk  # noqa: E402
 from kvstore.keys import ChunkKey, Namespace  # noqa: E402
@@ -59,8 +66,16 @@ async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
 
 
 def raw_client(url: str) -> Any:
+    """redis-py's asyncio client with the settings the tier gives its own redis-py client."""
     ep = parse_url(url)
-    kw: dict[str, Any] = {"socket_read_size": 1 << 20, "password": ep.password, "username": ep.username}
+    kw: dict[str, Any] = {
+        "socket_read_size": 1 << 20,
+        "socket_keepalive": True,
+        "socket_timeout": None,
+        "decode_responses": False,
+        "password": ep.password,
+        "username": ep.username,
+    }
     if ep.cluster:
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in ep.nodes]
         return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **kw)
@@ -139,17 +154,21 @@ def table(title: str, rows: list[dict[str, Any]]) -> str:
 
 NOTES = """Notes:
 
-- Raw: one `SET` / `GET` of the whole payload as a single value. Tier: the same bytes as 4 MiB parts plus
-  a manifest. On one server a put is one `MULTI`/`EXEC` and a get two round trips (manifest, then parts in
-  one pipeline); on the cluster the parts of a put or get go to all masters at once. Every tier get
-  checks the chunk's xxh3.
-- Both sides use one asyncio connection at a time, the same client settings (1 MiB socket reads) and a
-  fresh key per operation. They run in alternating blocks rather than interleaved: interleaved, the
-  operation that followed the other side's large write ran up to 2 ms slower, depending on the order.
+- Raw: one `SET` / `GET` of the whole payload as a single value under one key (on the cluster too: one
+  key, one node), redis-py's asyncio client with hiredis and the settings the tier gives its own redis-py
+  client. Tier: the same bytes as 4 MiB parts plus a manifest. On one server a put is one `MULTI`/`EXEC`
+  and a get two round trips (manifest, then the parts in one pipeline); on the cluster the parts of a put
+  or get go to all masters at once. Every tier get checks the chunk's xxh3.
+- Where the tier gains on gets: redis-py copies each reply byte four times (socket -> bytes -> stream
+  buffer -> hiredis buffer -> reply bytes) and the parts would then be joined; the tier's part reader
+  (`kvstore/tiers/redis_parts.py`) lets the kernel write each part at its place in one reused receive
+  buffer (`recv_into`), so the client does one copy instead of five. The server's work is the same.
+- Both sides use one asyncio client, the same client settings and a fresh key per operation. They run in
+  alternating blocks rather than interleaved: interleaved, the operation that followed the other side's
+  large write ran up to 2 ms slower, depending on the order.
 - On a machine with few cores that other jobs share, single operations vary by +-30 %; the best-of
   ratio in parentheses is the steadier of the two figures. The cluster puts of 16-32 MiB gain from
-  uploading parts to three masters in parallel; the gets gain less, because one client process parses
-  every reply (hiredis, one thread)."""
+  uploading parts to three masters in parallel."""
 
 
 def main() -> None:
@@ -177,13 +196,14 @@ def main() -> None:
         with redis.Redis(host=ep.nodes[0][0], port=ep.nodes[0][1], username=ep.username, password=ep.password) as r:
             version = r.info("server")
         name = "valkey" if "valkey_version" in version else "redis"
+        parser = f"hiredis {hiredis.__version__}" if HIREDIS_AVAILABLE else "pure-Python parser: install hiredis"
         server = f"{name} {version.get('valkey_version', version['redis_version'])}"
         out = [
             "# Remote tier throughput",
             "",
             f"`python benchmarks/bench_remote_tier.py --sizes {args.sizes} --reps {args.reps}`: "
             f"{platform.node() or 'host'}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"redis-py {redis.__version__}, {server} on loopback; one asyncio client, "
+            f"redis-py {redis.__version__} ({parser}), {server} on loopback; one asyncio client, "
             f"median of {args.reps} operations per side at 32 MiB and more below (ratio of the best in parentheses).",
             "",
             table("Standalone server", asyncio.run(bench(url, sizes, args.reps))),

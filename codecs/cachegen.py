@@ -32,14 +32,18 @@ head_dim channels::
     5 escapes  zigzag varints, stream after stream
 
 Encoding and decoding run in the compiled kernel on CPU
-(:mod:`~kvstore.codecs.cachegen_native`) and in torch on other devices
-(:mod:`~kvstore.codecs.cachegen_torch`); both produce and accept the same bytes.
+(:mod:`~kvstore.codecs.cachegen_native`: AVX2 rANS with a scalar fallback, every
+core) and in torch on other devices (:mod:`~kvstore.codecs.cachegen_torch`); all
+produce and accept the same bytes.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -71,6 +75,17 @@ class Level:
     def factor(self, layer: int, layers: int, kv: int) -> float:
         prof = self.key_depth if kv == 0 else self.value_depth
         return prof[min(len(prof) - 1, layer * len(prof) // max(1, layers))]
+
+    def scales(self, layers: int) -> np.ndarray:
+        """``base x factor`` of every (layer, K/V) stream, float64 [layers * 2] (read-only)."""
+        return _scales(self, layers)
+
+
+@lru_cache(maxsize=64)
+def _scales(level: Level, layers: int) -> np.ndarray:
+    out = np.array([level.base * level.factor(lk // 2, layers, lk % 2) for lk in range(layers * 2)])
+    out.setflags(write=False)
+    return out
 
 
 # Depth profiles chosen on SmolLM2-135M (docs/codecs.md): relative to each
@@ -131,9 +146,9 @@ class Encoded:
     row0: np.ndarray  # uint8 [S]
     entries: np.ndarray  # uint8 [S, D]
     modes: np.ndarray  # uint8 [S, D]
-    words: list[bytes]  # per stream
-    raw: list[bytes]
-    escapes: list[bytes]
+    words: Sequence[bytes | memoryview]  # per stream
+    raw: Sequence[bytes | memoryview]
+    escapes: Sequence[bytes | memoryview]
 
 
 def moment_stride(tokens: int) -> int:
@@ -150,20 +165,22 @@ def layer_steps(
     ``sums``/``sumsq`` are float64 [S, C].  The spread is the RMS of the
     channel-centred values, so a channel's constant offset (keys have large
     ones) does not coarsen the grid for everybody else.
+
+    The compiled kernel computes the same per stream (``stream_step`` in
+    codecs/_cachegen.c); channels are summed in order (``cumsum``, not numpy's
+    pairwise sums) so both give the same float64 values from the same sums.
     """
     T = samples or geo.tokens
-    s = sums.reshape(geo.layers * 2, geo.channels)
-    q = sumsq.reshape(geo.layers * 2, geo.channels)
-    var = np.maximum(q / T - (s / T) ** 2, 0.0).mean(axis=1)
+    D = geo.channels
+    s = sums.reshape(geo.layers * 2, D)
+    q = sumsq.reshape(geo.layers * 2, D)
+    var = np.cumsum(np.maximum(q / T - (s / T) ** 2, 0.0), axis=1)[:, -1] / D
     spread = np.sqrt(var)
-    whole = np.sqrt(q.mean(axis=1) / T)
+    whole = np.sqrt(np.cumsum(q, axis=1)[:, -1] / D / T)
     spread = np.where(spread > 0, spread, np.where(whole > 0, whole, 1.0))
     # Bound |q| to about 2**20 steps so symbols and escapes stay small.
     floor = np.sqrt(q.max(axis=1)) / (1 << 20)
-    steps = np.empty(geo.layers * 2, dtype=np.float64)
-    for lk in range(geo.layers * 2):
-        steps[lk] = level.base * level.factor(lk // 2, geo.layers, lk % 2) * spread[lk]
-    steps = np.maximum(steps, floor)
+    steps = np.maximum(level.scales(geo.layers) * spread, floor)
     steps = np.where(np.isfinite(steps) & (steps > 0), steps, 1.0)
     return steps.astype(np.float32)
 
@@ -286,48 +303,61 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return fmt.dtype_code(dtype)
 
 
+_local = threading.local()
+
+
+def _out_buffers(S: int, cap_words: int, cap_raw: int, cap_esc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's output regions (one per stream, worst-case capacity), kept
+    per calling thread: the coder writes only the start of each region, and
+    reusing them saves the page faults of fresh memory on every chunk.  The
+    sections are joined into the payload before this thread encodes again."""
+    key = (S, cap_words, cap_raw, cap_esc)
+    bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = getattr(_local, "bufs", None)
+    if bufs is None or getattr(_local, "key", None) != key:
+        bufs = (np.empty((S, cap_words), np.uint16), np.empty((S, cap_raw), np.uint8), np.empty((S, cap_esc), np.uint8))
+        _local.bufs, _local.key = bufs, key
+    return bufs
+
+
 def _encode_native(kv: torch.Tensor, geo: Geometry, level: Level) -> Encoded:
     mod = native.module()
     x = as_numpy_bits(kv)
     dt = _dtype_code(kv.dtype)
     # The kernel sees each (layer, K/V) as one head of C channels: rows of a
     # stream are contiguous in the LKTHD layout.
-    S, D, T, H = geo.streams, geo.channels, geo.tokens, 1
+    S, D, T = geo.streams, geo.channels, geo.tokens
     n = geo.per_stream
-    sums = np.empty((S, D))
-    sumsq = np.empty((S, D))
-    every = moment_stride(T)
-    native.run_split(S, lambda lo, hi: mod.moments(x, dt, T, H, D, every, lo, hi, sums, sumsq))
-    steps = layer_steps(sums, sumsq, geo, level, samples=len(range(0, T, every)))
-    stream_steps = steps.astype(np.float32)
+    scales = level.scales(geo.layers)
+    steps = np.empty(S, np.float32)  # the kernel measures each stream's spread (see layer_steps)
     entries = np.empty((S, D), np.uint8)
     modes = np.empty((S, D), np.uint8)
     row0 = np.empty(S, np.uint8)
-    cap_words = n + 2 * LANES
-    cap_raw = (n * 24 + 7) // 8
-    words = np.empty((S, cap_words), np.uint16)
     nwords = np.empty(S, np.uint32)
-    raw = np.empty((S, cap_raw), np.uint8)
     nraw = np.empty(S, np.uint32)
-    esc = np.empty((S, n * 5), np.uint8)
     nesc = np.empty(S, np.uint32)
+    cap_words, cap_raw, cap_esc = n + 2 * LANES + 8, (n * 24 + 7) // 8, n * 5
+    words, raw, esc = _out_buffers(S, cap_words, cap_raw, cap_esc)
 
-    def work(lo: int, hi: int) -> None:
+    def work(ctr: np.ndarray) -> None:
         mod.encode(
-            x, dt, T, H, D, level.group, lo, hi, stream_steps, entries, modes, row0,
-            words, cap_words, nwords, raw, cap_raw, nraw, esc, nesc,
+            x, dt, T, 1, D, level.group, moment_stride(T), S, ctr, scales, steps, entries, modes, row0,
+            words, cap_words, nwords, raw, cap_raw, nraw, esc, cap_esc, nesc,
         )
 
-    native.run_split(S, work)
+    native.run_parallel(S, work)
+    # ndarray.data, not memoryview(ndarray): numpy < 2.4's stubs (vLLM pins numpy < 2.4
+    # through mistral_common) do not declare ndarrays as buffers.
+    wv, rv, ev = words.data.cast("B"), raw.data.cast("B"), esc.data.cast("B")
     return Encoded(
         steps=steps,
         group=level.group,
         row0=row0,
         entries=entries,
         modes=modes,
-        words=[words[s, : nwords[s]].astype("<u2").tobytes() for s in range(S)],
-        raw=[raw[s, : nraw[s]].tobytes() for s in range(S)],
-        escapes=[esc[s, : nesc[s]].tobytes() for s in range(S)],
+        # Views into the kernel's buffers (little-endian host, checked by the kernel).
+        words=[wv[2 * s * cap_words : 2 * (s * cap_words + int(nwords[s]))] for s in range(S)],
+        raw=[rv[s * cap_raw : s * cap_raw + int(nraw[s])] for s in range(S)],
+        escapes=[ev[s * cap_esc : s * cap_esc + int(nesc[s])] for s in range(S)],
     )
 
 
@@ -335,20 +365,20 @@ def _decode_native(p: Parsed, geo: Geometry, dtype: torch.dtype) -> torch.Tensor
     mod = native.module()
     out = torch.empty((geo.layers, 2, geo.tokens, geo.heads, geo.head_dim), dtype=dtype)
     out_np = as_numpy_bits(out)  # shares memory with `out`
-    stream_steps = p.steps.astype(np.float32)
     entries = np.ascontiguousarray(p.entries)
     modes = np.ascontiguousarray(p.modes)
     row0 = np.ascontiguousarray(p.row0)
     dt = _dtype_code(dtype)
+    S = geo.streams
 
-    def work(lo: int, hi: int) -> None:
+    def work(ctr: np.ndarray) -> None:
         mod.decode(
-            out_np, dt, geo.tokens, 1, geo.channels, p.group, lo, hi, stream_steps, entries, modes,
+            out_np, dt, geo.tokens, 1, geo.channels, p.group, S, ctr, p.steps, entries, modes,
             row0, p.words, p.word_off, p.raw, p.raw_off, p.escapes, p.esc_off,
         )
 
     try:
-        native.run_split(geo.streams, work)
+        native.run_parallel(S, work)
     except ValueError as exc:
         raise CodecError(f"cachegen payload is corrupt: {exc}") from exc
     return out

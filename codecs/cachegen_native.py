@@ -1,8 +1,9 @@
 """The compiled CacheGen kernels (codecs/_cachegen.c), driven from a thread pool.
 
-Streams are independent, so a chunk's streams are split into one contiguous
-range per worker; the C code releases the GIL, so the workers run in
-parallel.  :func:`available` is False when the extension was not built (then
+Streams are independent: every worker (the calling thread plus a small pool)
+runs the same kernel call, which releases the GIL and claims streams one at a
+time from a shared counter, so the workers run in parallel and balance
+themselves.  :func:`available` is False when the extension was not built (then
 :mod:`kvstore.codecs.cachegen` falls back to the torch implementation, which
 produces the same bytes, much more slowly).
 """
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+
+import numpy as np
 
 from kvstore.codecs.cachegen_library import library
 
@@ -72,14 +75,21 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def run_split(nstreams: int, fn: Callable[[int, int], None]) -> None:
-    """Call ``fn(lo, hi)`` on disjoint stream ranges covering [0, nstreams), in parallel."""
+def run_parallel(nstreams: int, fn: Callable[[np.ndarray], None]) -> None:
+    """Call ``fn(counter)`` on every worker at once; the kernels claim streams
+    from the shared ``counter`` (int64[1]) one at a time, so a worker whose core
+    is busy with other work takes fewer streams instead of holding up the rest."""
+    counter = np.zeros(1, dtype=np.int64)
     workers = min(threads(), nstreams)
     if workers <= 1:
-        fn(0, nstreams)
+        fn(counter)
         return
-    bounds = [nstreams * k // workers for k in range(workers + 1)]
-    futures = [_executor().submit(fn, bounds[k], bounds[k + 1]) for k in range(1, workers)]
-    fn(bounds[0], bounds[1])  # the calling thread takes the first share
-    for f in futures:
-        f.result()
+    pool = _executor()
+    futures = [pool.submit(fn, counter) for _ in range(workers - 1)]
+    try:
+        fn(counter)  # the calling thread works too
+    finally:
+        errors = [f.exception() for f in futures]
+    for exc in errors:
+        if exc is not None:
+            raise exc

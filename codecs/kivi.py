@@ -38,33 +38,48 @@ def _pad_to(x: torch.Tensor, dim: int, mult: int) -> torch.Tensor:
     return torch.cat([x, last.expand(*[extra if d == dim else s for d, s in enumerate(last.shape)])], dim)
 
 
-def _quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric quantization over the last dim: codes, fp16 scale, fp16 minimum."""
-    mn = x.amin(-1, keepdim=True)
-    mx = x.amax(-1, keepdim=True)
+def _float_copy(x: torch.Tensor) -> torch.Tensor:
+    """A float32 copy that _quantize may overwrite (``.float()`` of float32 is the input itself)."""
+    return x.to(torch.float32, copy=True)
+
+
+def _quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of groups along ``dim``: codes, fp16 scale, fp16 minimum.
+
+    ``x`` is a float32 scratch tensor: it is overwritten (in-place steps save
+    a fresh buffer per step on a memory-bound path).
+    """
+    mn, mx = torch.aminmax(x, dim=dim, keepdim=True)
     # Scale and minimum are stored in fp16: quantize against the stored values
     # so the decoder reproduces exactly what the encoder measured.
     scale = ((mx - mn) / (2**bits - 1)).to(torch.float16)
     mn16 = mn.to(torch.float16)
     safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    q = torch.round((x - mn16.float()) / safe).clamp_(0, 2**bits - 1).to(torch.uint8)
-    return q, scale.squeeze(-1), mn16.squeeze(-1)
+    q = x.sub_(mn16.float()).div_(safe).round_().clamp_(0, 2**bits - 1).to(torch.uint8)
+    return q, scale.squeeze(dim), mn16.squeeze(dim)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes < 2**bits, little-endian within each byte."""
-    per = 8 // bits
     flat = codes.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).view(-1, per).to(torch.int32)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (flat << shifts).sum(-1).to(torch.uint8)
+    if bits == 8:
+        return flat
+    per = 8 // bits
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).view(-1, per)
+    out = flat[:, 0].clone()
+    for i in range(1, per):
+        out |= flat[:, i] << (i * bits)  # codes < 2**bits: the fields never overlap
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 8:
+        return packed[:n]
     per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    vals: torch.Tensor = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return vals.reshape(-1)[:n].to(torch.uint8)
+    vals = torch.empty((packed.numel(), per), dtype=torch.uint8, device=packed.device)
+    for i in range(per):
+        torch.bitwise_and(packed >> (i * bits), 2**bits - 1, out=vals[:, i])
+    return vals.reshape(-1)[:n]
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
@@ -93,14 +108,14 @@ class KiviCodec(Codec):
     def _encode_sections(self, kv: torch.Tensor, level: int) -> list[bytes]:
         bits, g = BITS[level], self.group_size
         L, _, T, H, D = kv.shape
-        x = kv.float().reshape(L, 2, T, H * D)
-        k = _pad_to(x[:, 0], 1, g)  # [L, Tp, C]
-        k = k.reshape(L, -1, g, H * D).transpose(2, 3)  # groups along tokens, per channel
-        kq, ks, km = _quantize(k, bits)
-        kq = kq.transpose(2, 3).reshape(L, -1, H * D)[:, :T]
-        v = _pad_to(x[:, 1], 2, g).reshape(L, T, -1, g)  # groups along channels, per token
-        vq, vs, vm = _quantize(v, bits)
-        vq = vq.reshape(L, T, -1)[:, :, : H * D]
+        C = H * D
+        x = kv.reshape(L, 2, T, C)
+        k = _pad_to(_float_copy(x[:, 0]), 1, g)  # [L, Tp, C]
+        kq, ks, km = _quantize(k.view(L, -1, g, C), bits, dim=2)  # groups along tokens, per channel
+        kq = kq.view(L, -1, C)[:, :T]
+        v = _pad_to(_float_copy(x[:, 1]), 2, g)  # [L, T, Cp]
+        vq, vs, vm = _quantize(v.view(L, T, -1, g), bits, dim=3)  # groups along channels, per token
+        vq = vq.view(L, T, -1)[:, :, :C]
         codes = pack_bits(torch.cat([kq.reshape(-1), vq.reshape(-1)]), bits)
         return [_PARAMS.pack(g, bits), _to_bytes(ks), _to_bytes(km), _to_bytes(vs), _to_bytes(vm), _to_bytes(codes)]
 
@@ -127,11 +142,20 @@ class KiviCodec(Codec):
         ks, km = f16(sections[1], (L, -1, C)), f16(sections[2], (L, -1, C))
         vs, vm = f16(sections[3], (L, T, -1)), f16(sections[4], (L, T, -1))
         packed = torch.from_numpy(np.frombuffer(sections[5], dtype=np.uint8).copy()).to(device)
-        codes = unpack_bits(packed, bits, ncodes).float()
-        kq = codes[: ncodes // 2].reshape(L, T, C)
-        vq = codes[ncodes // 2 :].reshape(L, T, C)
-        tok_group = torch.arange(T, device=device) // g
-        k = kq * ks[:, tok_group] + km[:, tok_group]
-        ch_group = torch.arange(C, device=device) // g
-        v = vq * vs[:, :, ch_group] + vm[:, :, ch_group]
-        return torch.stack([k, v], 1).reshape(header.shape).to(header.dtype)
+        codes = unpack_bits(packed, bits, ncodes)
+        out = torch.empty((L, 2, T, C), dtype=header.dtype, device=device)
+        kq = codes[: ncodes // 2].view(L, T, C).float()
+        if T % g == 0:  # broadcast the group scales instead of gathering them per token
+            k = kq.view(L, -1, g, C).mul_(ks.unsqueeze(2)).add_(km.unsqueeze(2)).view(L, T, C)
+        else:
+            tok_group = torch.arange(T, device=device) // g
+            k = kq.mul_(ks[:, tok_group]).add_(km[:, tok_group])
+        out[:, 0] = k
+        vq = codes[ncodes // 2 :].view(L, T, C).float()
+        if C % g == 0:
+            v = vq.view(L, T, -1, g).mul_(vs.unsqueeze(3)).add_(vm.unsqueeze(3)).view(L, T, C)
+        else:
+            ch_group = torch.arange(C, device=device) // g
+            v = vq.mul_(vs[:, :, ch_group]).add_(vm[:, :, ch_group])
+        out[:, 1] = v
+        return out.view(header.shape)

@@ -34,14 +34,32 @@ LEVELS: dict[int, ZstdLevel] = {0: ZstdLevel(1, True), 1: ZstdLevel(3, True), 2:
 _MAX_RATIO = 1 << 15
 
 
+_UINT = {2: np.uint16, 4: np.uint32}
+
+
 def shuffle(bits: np.ndarray) -> np.ndarray:
-    """Byte planes: all first bytes, then all second bytes, ..."""
+    """Byte planes: all first (least significant) bytes, then all second bytes, ...
+
+    Done with shifts and masks over contiguous arrays: a strided transpose of
+    the byte matrix runs at well under 1 GB/s, these at memory speed.
+    """
     width = bits.dtype.itemsize
-    return np.ascontiguousarray(bits.reshape(-1).view(np.uint8).reshape(-1, width).T)
+    u = bits.reshape(-1).view(_UINT[width])
+    out = np.empty((width, u.size), np.uint8)
+    for k in range(width):
+        np.bitwise_and(u >> (8 * k) if k else u, 0xFF, out=out[k], casting="unsafe")
+    return out
 
 
 def unshuffle(planes: np.ndarray, width: int) -> np.ndarray:
-    return np.ascontiguousarray(planes.reshape(width, -1).T)
+    """Inverse of :func:`shuffle`: the values' bytes, in native (little-endian) order."""
+    p = planes.reshape(width, -1)
+    out = p[width - 1].astype(_UINT[width])
+    for k in range(width - 2, -1, -1):
+        out <<= 8
+        out |= p[k]
+    planes_out: np.ndarray = out.view(np.uint8)
+    return planes_out
 
 
 class ZstdCodec(Codec):

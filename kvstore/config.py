@@ -140,6 +140,40 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``server.limits``: what the daemon refuses under load (kvstore/server/limits.py)."""
+
+    #: Bound on the daemon's resident memory (RssAnon + RssFile); a put that could pass
+    #: it is refused with RESOURCE_EXHAUSTED.  0 = no bound.
+    max_memory_bytes: int = 0
+    #: Bytes of puts being received at once (receive buffers).
+    max_inflight_bytes: int = 2 << 30
+    #: Put/Get streams one client connection may have open; more are refused at once.
+    max_streams_per_client: int = 64
+    #: How long a new stream waits when server.max_concurrent_streams are open, then is refused.
+    stream_wait_s: float = 10.0
+    #: tenant -> bytes its chunks (all models) may take in each managed tier.
+    tenant_quotas: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_memory_bytes and self.max_memory_bytes < 64 << 20:
+            raise ConfigError(
+                f"server.limits.max_memory: expected 0 (no bound) or at least 64MiB, got {self.max_memory_bytes}"
+            )
+        _int(self.max_inflight_bytes, "server.limits.max_inflight", 1 << 20, 1 << 40)
+        _int(self.max_streams_per_client, "server.limits.max_streams_per_client", 1, 1 << 16)
+        if not 0 < self.stream_wait_s <= 3600:
+            raise ConfigError(f"server.limits.stream_wait_s: expected seconds in (0, 3600], got {self.stream_wait_s}")
+        for tenant, limit in self.tenant_quotas:
+            try:
+                Namespace(tenant, "m")  # validates the tenant's spelling
+            except InvalidArgument as exc:
+                raise ConfigError(f"server.limits.tenant_quotas: {exc}") from None
+            if limit <= 0:
+                raise ConfigError(f"server.limits.tenant_quotas.{tenant}: a quota must be a positive size, got {limit}")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -164,6 +198,7 @@ class ServerConfig:
     #: or a network only the scraper reaches.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -244,6 +279,14 @@ class DaemonConfig:
             raise ConfigError(f"tiers: names must be unique, got {names}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        bound = self.server.limits.max_memory_bytes
+        arenas = sum(t.capacity_bytes for t in self.tiers if t.kind == "cpu")
+        if bound and bound < arenas + (256 << 20):
+            # The cpu tiers' arenas are resident from the start: a bound below them refuses every put.
+            raise ConfigError(
+                f"server.limits.max_memory ({format_size(bound)}) must exceed the cpu tiers' capacity "
+                f"({format_size(arenas)}) by at least 256MiB"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for printing the effective config."""
@@ -259,6 +302,12 @@ class DaemonConfig:
 
         d = clean(asdict(self))
         d["quotas"] = {ns: format_size(q) for ns, q in self.quotas}
+        lim = self.server.limits
+        d["server"]["limits"] = {  # under their file names, so the printed config loads back
+            "max_memory": format_size(lim.max_memory_bytes), "max_inflight": format_size(lim.max_inflight_bytes),
+            "max_streams_per_client": lim.max_streams_per_client, "stream_wait_s": lim.stream_wait_s,
+            "tenant_quotas": {t: format_size(q) for t, q in lim.tenant_quotas},
+        }
         for t in d["tiers"]:
             t["capacity"] = format_size(t.pop("capacity_bytes"))
             if t.get("url"):
@@ -357,8 +406,9 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 # -- building ---------------------------------------------------------------
 _SERVER_FIELDS = {
     "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm",
-    "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host",
+    "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
 }
+_LIMITS_FIELDS = {"max_memory", "max_inflight", "max_streams_per_client", "stream_wait_s", "tenant_quotas"}
 #: TierConfig field -> its name in a config file, for the remote-tier options.
 _REMOTE_NAMES = {
     "key_prefix": "key_prefix", "ttl_s": "ttl", "part_bytes": "part_size", "max_connections": "max_connections",
@@ -399,6 +449,29 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
         grace_s=float(_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
         metrics_port=_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),
         metrics_host=_str(d.get("metrics_host", "127.0.0.1"), "server.metrics_host"),
+        limits=_build_limits(d.get("limits") or {}),
+    )
+
+
+def _build_limits(d: object) -> LimitsConfig:
+    if not isinstance(d, Mapping):
+        raise ConfigError("server.limits must be a mapping (max_memory, max_inflight, ...)")
+    _check_keys(d, _LIMITS_FIELDS, "server.limits")
+    quotas = d.get("tenant_quotas") or {}
+    if not isinstance(quotas, Mapping):
+        raise ConfigError("server.limits.tenant_quotas must be a mapping of tenant to a size")
+    defaults = LimitsConfig()
+    return LimitsConfig(
+        max_memory_bytes=parse_size(d.get("max_memory", 0), "server.limits.max_memory"),
+        max_inflight_bytes=parse_size(d.get("max_inflight", defaults.max_inflight_bytes), "server.limits.max_inflight"),
+        max_streams_per_client=_int(
+            d.get("max_streams_per_client", defaults.max_streams_per_client), "server.limits.max_streams_per_client",
+            1, 1 << 16,
+        ),
+        stream_wait_s=_seconds(d.get("stream_wait_s", defaults.stream_wait_s), "server.limits.stream_wait_s"),
+        tenant_quotas=tuple(
+            (str(t), parse_size(q, f"server.limits.tenant_quotas.{t}")) for t, q in quotas.items()
+        ),
     )
 
 

@@ -10,8 +10,9 @@ model shard.  Its key has three parts:
 * a digest of the tokens.  Prefix keys chain: ``h_i = sha256(h_{i-1} || tok_i)``
   with ``h_{-1}`` = 32 zero bytes (sha256 rather than blake3: for 1 KiB inputs
   the CPU's SHA extensions make it about 1.5x faster here), so a chunk's key names the whole prefix that
-  produced its KV.  Segment keys hash one chunk's tokens alone (not chained) for
-  position-independent reuse (CacheBlend).
+  produced its KV.  Segment keys hash one segment's tokens alone (not chained) for
+  position-independent reuse (CacheBlend); ``segment_layer_keys`` gives one such key
+  per layer, for KV stored and loaded layer by layer.
 
 Tokens are hashed as little-endian uint32, and the hashes are the same everywhere,
 so keys are identical across processes, machines and Python hash seeds.
@@ -236,6 +237,27 @@ def segment_digest(tokens: Sequence[int] | np.ndarray) -> str:
     return "s" + blake3.blake3(b"segment" + raw).hexdigest()
 
 
+def segment_layer_digests(tokens: Sequence[int] | np.ndarray, num_layers: int) -> list[str]:
+    """Per-layer digests of one segment (``s`` + 64 hex each), not chained, position-free.
+
+    blake3 in key-derivation mode (context ``"kvstore segment layer v1"``, so these can
+    never collide with :func:`segment_digest`) over ``tokens || layer as uint32 LE``:
+    the tokens are hashed once and the hasher state copied per layer.
+    """
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise InvalidArgument(f"num_layers must be a positive integer, got {num_layers!r}")
+    raw = _token_bytes(tokens).tobytes()
+    if not raw:
+        raise InvalidArgument("a segment must have at least one token")
+    base = blake3.blake3(raw, derive_key_context="kvstore segment layer v1")
+    out = []
+    for layer in range(num_layers):
+        h = base.copy()
+        h.update(layer.to_bytes(4, "little"))
+        out.append("s" + h.hexdigest())
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class KeyBuilder:
     """Makes :class:`ChunkKey` s for one namespace and layout."""
@@ -256,6 +278,14 @@ class KeyBuilder:
 
     def segment_key(self, tokens: Sequence[int] | np.ndarray) -> ChunkKey:
         return ChunkKey(self.namespace, self.layout.digest, segment_digest(tokens))
+
+    def segment_layer_keys(self, tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
+        """One key per layer for a segment stored layer by layer (CacheBlend loads layer i+1
+        while it recomputes layer i): ``layout.num_layers`` keys, each naming the segment's
+        tokens alone and the layer index."""
+        fp = self.layout.digest
+        ns = self.namespace
+        return [_fast_key(ns, fp, d) for d in segment_layer_digests(tokens, self.layout.num_layers)]
 
 
 def _fast_key(ns: Namespace, fp: str, digest: str) -> ChunkKey:

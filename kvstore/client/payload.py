@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.chunk import CANONICAL_LAYOUT, DTYPE_SIZES, ChunkMeta, checksum
+from kvstore.chunk import CANONICAL_LAYOUT, DTYPE_SIZES, Chunk, ChunkMeta, checksum
 from kvstore.errors import InvalidArgument
 from kvstore.tiers.memory import as_uint8_tensor, tensor_view
 
-Value = bytes | bytearray | memoryview | torch.Tensor
+# A Chunk carries an already encoded payload with its metadata (codec, shape).
+Value = bytes | bytearray | memoryview | torch.Tensor | Chunk
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -51,10 +52,12 @@ def to_payload(
             layout=layout,
         )
         return meta, view
+    if isinstance(value, Chunk):
+        return value.meta, value.payload.cast("B")
     if isinstance(value, bytes | bytearray | memoryview):
         view = memoryview(value).cast("B")
         return ChunkMeta(nbytes=view.nbytes, checksum=checksum(view) if with_checksum else 0), view
-    raise InvalidArgument(f"a value must be bytes, bytearray, memoryview or a torch.Tensor, not {type(value).__name__}")
+    raise InvalidArgument(f"a value must be bytes, bytearray, memoryview, a torch.Tensor or a Chunk, not {type(value).__name__}")
 
 
 def to_tensor(meta: ChunkMeta, data: bytes | bytearray | memoryview, device: str | torch.device = "cpu") -> torch.Tensor:

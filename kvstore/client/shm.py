@@ -5,21 +5,31 @@ the daemon maps too (after checking a nonce the client wrote at its start).
 Space in it is handed out with the same free-list allocator the memory tiers
 use; :meth:`ClientSegment.buffer` gives callers tensors that live in the
 segment, so a put from them or a get into them costs the daemon one copy and
-the client none.
+the client none.  :class:`ControlChannel` carries the ShmPut/ShmGet
+requests over the daemon's Unix socket, skipping gRPC's per-call cost;
+:class:`BlockingControlChannel` does the same from the sync client's calling
+thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
 import secrets
+import socket
+import threading
 from pathlib import Path
 
 import torch
 
-from kvstore.errors import CapacityError, InvalidArgument
+from kvstore.chunk import ChunkMeta
+from kvstore.errors import CapacityError, InvalidArgument, error_for_status
+from kvstore.server.service import meta_to_pb
+from kvstore.server.shm_channel import HEADER, HELLO, KIND_ERROR, KIND_HELLO, KIND_OK, MAX_BODY, encode
 from kvstore.tiers.allocator import FreeListAllocator
+from kvstore.v1 import kvstore_pb2 as pb
 
 SHM_DIR = Path("/dev/shm")
 NONCE_BYTES = 16
@@ -49,6 +59,7 @@ class ClientSegment:
         self.tensor[_DATA_START:].zero_()
         self._alloc = FreeListAllocator(size - _DATA_START, align=4096)
         self.segment_id = 0  # set once the daemon registered it
+        self.control_socket = ""  # the daemon's control channel, if it offers one
 
     def alloc(self, nbytes: int) -> int | None:
         off = self._alloc.alloc(nbytes)
@@ -95,3 +106,143 @@ class ClientSegment:
         """Remove the name; the mappings stay.  Done once the daemon has mapped it,
         so a crashed client leaves nothing behind in /dev/shm."""
         self.path.unlink(missing_ok=True)
+
+
+class ControlChannel:
+    """The client's end of the daemon's shared-memory control channel.
+
+    ShmPut/ShmGet requests over a Unix socket instead of gRPC (see
+    kvstore/server/shm_channel.py for why and for the wire format).  One
+    request at a time: :attr:`busy` tells a caller to use gRPC meanwhile.
+    A call cancelled or failed half-way leaves the connection's framing
+    unknown, so the channel is then :attr:`broken` and must be dropped.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._lock = asyncio.Lock()
+        self.broken = False
+
+    @classmethod
+    async def open(cls, path: str, segment_id: int, nonce: bytes) -> ControlChannel:
+        """Connect and say hello (raises OSError or a typed KVStoreError)."""
+        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_BODY + HEADER.size)
+        ch = cls(reader, writer)
+        try:
+            await ch.call(KIND_HELLO, HELLO.pack(segment_id, nonce))
+        except BaseException:
+            ch.close()
+            raise
+        return ch
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked() or self.broken
+
+    async def call(self, kind: int, body: bytes) -> bytes:
+        """Send one request; the reply's body, or the daemon's error as a typed KVStoreError."""
+        async with self._lock:
+            try:
+                self._writer.write(encode(kind, body))
+                await self._writer.drain()
+                head = await self._reader.readexactly(HEADER.size)
+                length, reply_kind = HEADER.unpack(head)
+                if not 1 <= length <= MAX_BODY + 1:
+                    raise ConnectionError(f"daemon sent a control message of {length} bytes")
+                reply = await self._reader.readexactly(length - 1)
+            except BaseException:
+                self.broken = True
+                self.close()
+                raise
+        if reply_kind == KIND_OK:
+            return reply
+        if reply_kind == KIND_ERROR:
+            status, _, message = reply.decode("utf-8", "replace").partition("\n")
+            raise error_for_status(status, message)
+        self.broken = True
+        self.close()
+        raise ConnectionError(f"daemon sent a control message of unknown kind {reply_kind}")
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            self._writer.close()
+
+
+class BlockingControlChannel:
+    """The control channel with a blocking socket, for the sync client's
+    calling thread (no hop to its event loop).  Thread-safe: a caller that
+    finds it :attr:`busy` uses the asynchronous path instead."""
+
+    def __init__(self, path: str, segment_id: int, nonce: bytes, timeout_s: float) -> None:
+        self.segment_id = segment_id
+        self._lock = threading.Lock()
+        self.broken = False
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout_s)
+        try:
+            self._sock.connect(path)
+            self._call(KIND_HELLO, HELLO.pack(segment_id, nonce))
+        except BaseException:
+            self.close()
+            raise
+
+    def try_call(self, kind: int, body: bytes) -> bytes | None:
+        """The reply's body; None when another thread is using the channel.
+        Raises the daemon's error as a typed KVStoreError, OSError when the
+        connection is lost (the channel is then :attr:`broken`)."""
+        if self.broken or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._call(kind, body)
+        finally:
+            self._lock.release()
+
+    def _call(self, kind: int, body: bytes) -> bytes:
+        try:
+            self._sock.sendall(encode(kind, body))
+            length, reply_kind = HEADER.unpack(self._recv(HEADER.size))
+            if not 1 <= length <= MAX_BODY + 1:
+                raise ConnectionError(f"daemon sent a control message of {length} bytes")
+            reply = self._recv(length - 1)
+        except BaseException:
+            self.close()
+            raise
+        if reply_kind == KIND_OK:
+            return reply
+        if reply_kind == KIND_ERROR:
+            status, _, message = reply.decode("utf-8", "replace").partition("\n")
+            raise error_for_status(status, message)
+        self.close()
+        raise ConnectionError(f"daemon sent a control message of unknown kind {reply_kind}")
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionError("the daemon closed the control channel")
+            got += k
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.broken = True
+        self._sock.close()
+
+
+def put_item(seg: ClientSegment, key: str, meta: ChunkMeta, offset: int) -> pb.ShmPutItem:
+    """A ShmPut item for ``meta.nbytes`` bytes at ``offset`` of ``seg`` (the daemon checksums them)."""
+    return pb.ShmPutItem(
+        key=key,
+        meta=meta_to_pb(meta),
+        slice=pb.ShmSlice(segment_id=seg.segment_id, offset=offset, length=meta.nbytes),
+        daemon_checksum=True,
+    )
+
+
+def get_item(seg: ClientSegment, key: str, offset: int, length: int) -> pb.ShmGetItem:
+    """A ShmGet item: copy ``key``'s bytes to ``offset`` of ``seg``, if they fit in ``length``."""
+    return pb.ShmGetItem(key=key, slice=pb.ShmSlice(segment_id=seg.segment_id, offset=offset, length=length))

@@ -3,6 +3,13 @@
 It runs one private event loop in a daemon thread and submits each call to
 it, so both clients share one implementation of the protocol (retries,
 deadlines, shared memory, validation).  Safe to use from several threads.
+
+One shortcut: ``put`` of a tensor that lives in the shared-memory segment
+(:meth:`Client.buffer`) and ``get_into`` such a tensor go straight from the
+calling thread to the daemon's control channel over a blocking socket
+(``BlockingControlChannel``), skipping the hop to the event loop's thread,
+which costs 0.1-0.3 ms a call on a loaded machine.  Anything else, or a
+channel that is busy, broken or absent, takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -15,9 +22,13 @@ from typing import Any, TypeVar
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.aio import AsyncClient, Fetched, KeyLike, LookupResult
-from kvstore.client.payload import Value
-from kvstore.errors import Closed
+from kvstore.client.aio import AsyncClient, Fetched, KeyLike, LookupResult, _key_text
+from kvstore.client.payload import Value, to_payload
+from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
+from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, error_for_status
+from kvstore.server.service import meta_from_pb
+from kvstore.server.shm_channel import KIND_GET, KIND_PUT
+from kvstore.v1 import kvstore_pb2 as pb
 
 T = TypeVar("T")
 
@@ -31,6 +42,9 @@ class Client:
         self._thread.start()
         self._aio: AsyncClient = self._run(self._make(address, kwargs))
         self._closed = False
+        self._blocking: BlockingControlChannel | None = None
+        self._blocking_refused = 0  # segment id whose channel could not be opened here
+        self._blocking_lock = threading.Lock()
 
     @staticmethod
     async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:
@@ -46,6 +60,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        with self._blocking_lock:
+            if self._blocking is not None:
+                self._blocking.close()
         self._run(self._aio.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -62,6 +79,10 @@ class Client:
         return self._aio.uses_shm
 
     def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
+        if isinstance(value, torch.Tensor):
+            tier = self._direct_put(key, value, durable)
+            if tier is not None:
+                return tier
         return self._run(self._aio.put(key, value, durable=durable))
 
     def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
@@ -80,7 +101,68 @@ class Client:
         return self._run(self._aio.get_many(list(keys)))
 
     def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
-        return self._run(self._aio.get_into(key, out))
+        done, meta = self._direct_get_into(key, out)
+        return meta if done else self._run(self._aio.get_into(key, out))
+
+    # -- the direct path (see the module docstring) ----------------------------------
+    def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:
+        seg = self._aio._segment  # noqa: SLF001 - one implementation of the segment's lifecycle
+        if self._closed or seg is None or not seg.control_socket or seg.segment_id == self._blocking_refused:
+            return None
+        with self._blocking_lock:
+            ch = self._blocking
+            if ch is None or ch.broken or ch.segment_id != seg.segment_id:
+                if ch is not None:
+                    ch.close()
+                try:
+                    ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, self._aio.timeout_s)
+                except (OSError, KVStoreError):
+                    self._blocking, self._blocking_refused = None, seg.segment_id
+                    return None
+                self._blocking = ch
+        return seg, ch
+
+    def _direct_call(self, ch: BlockingControlChannel, kind: int, req: pb.ShmPutRequest | pb.ShmGetRequest) -> bytes | None:
+        """The reply, or None: use the ordinary path (it re-registers a segment the daemon lost)."""
+        try:
+            return ch.try_call(kind, req.SerializeToString())
+        except TimeoutError:
+            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._aio.timeout_s} s") from None
+        except (OSError, NotFound):
+            return None
+
+    def _direct_put(self, key: KeyLike, value: torch.Tensor, durable: bool) -> str | None:
+        direct = self._direct()
+        if direct is None:
+            return None
+        seg, ch = direct
+        off = seg.offset_of(value)
+        if off is None:
+            return None
+        meta, _ = to_payload(value, with_checksum=False)
+        req = pb.ShmPutRequest(items=[put_item(seg, _key_text(key), meta, off)], durable=durable)
+        body = self._direct_call(ch, KIND_PUT, req)
+        return None if body is None else pb.PutReply.FromString(body).results[0].tier
+
+    def _direct_get_into(self, key: KeyLike, out: torch.Tensor) -> tuple[bool, ChunkMeta | None]:
+        direct = self._direct()
+        if direct is None:
+            return False, None
+        seg, ch = direct
+        off = seg.offset_of(out)
+        if off is None:
+            return False, None
+        room = out.numel() * out.element_size()
+        body = self._direct_call(ch, KIND_GET, pb.ShmGetRequest(items=[get_item(seg, _key_text(key), off, room)]))
+        if body is None:
+            return False, None
+        res = pb.ShmGetReply.FromString(body).results[0]
+        if not res.found:
+            return True, None
+        meta = meta_from_pb(res.meta)
+        if not res.written:
+            raise InvalidArgument(f"output has room for {room} bytes, the chunk has {meta.nbytes}")
+        return True, meta
 
     def buffer(self, nbytes: int) -> torch.Tensor | None:
         return self._run(self._aio.buffer(nbytes))

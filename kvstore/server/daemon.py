@@ -31,6 +31,7 @@ from kvstore.server import frames
 from kvstore.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from kvstore.server.admin import AdminService, admin_handlers
 from kvstore.server.auth import TokenTable
+from kvstore.server.limits import server_options
 from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService
 from kvstore.store import TieredStore
 from kvstore.tiers import make_tier
@@ -144,6 +145,7 @@ class Daemon:
             shm=cfg.server.shm,
             max_concurrent_streams=cfg.server.max_concurrent_streams,
             metrics=self.metrics,
+            limits=cfg.server.limits,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -153,9 +155,8 @@ class Daemon:
     async def start(self) -> int:
         """Open the store and serve; returns the bound port."""
         await self.store.open()
-        server = grpc.aio.server(
-            options=channel_options(self.cfg.server.frame_bytes), interceptors=[self.metrics.interceptor]
-        )
+        options = server_options(channel_options(self.cfg.server.frame_bytes), self.cfg.server.limits)
+        server = grpc.aio.server(options=options, interceptors=[self.metrics.interceptor])
         server.add_generic_rpc_handlers((kvstore_handlers(self.service), admin_handlers(self.admin)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

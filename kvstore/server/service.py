@@ -22,12 +22,15 @@ import grpc
 import torch
 
 from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.config import LimitsConfig
 from kvstore.errors import CapacityError, CorruptChunk, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import OPEN, Principal, TokenTable
 from kvstore.server.buffers import BufferPool
+from kvstore.server.limits import Limits
 from kvstore.server.shm import SegmentTable
+from kvstore.server.shm_channel import ShmChannel
 from kvstore.store import TieredStore
 from kvstore.tiers.memory import as_uint8_tensor
 from kvstore.v1 import kvstore_pb2 as pb
@@ -95,6 +98,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         max_concurrent_streams: int = 256,
         threads: int = 2,
         metrics: Metrics | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self._store = store
         #: Traffic figures (kvstore.metrics): the daemon's, exported; else private.
@@ -104,16 +108,23 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         self._max_chunk = max_chunk_bytes
         self._max_batch = max_batch
         self._segments = SegmentTable() if shm else None
+        #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
+        self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
         # Receive buffers of puts in flight are bounded, so a flood of puts
         # gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
         self._inflight = 0
-        self._max_inflight = max_inflight_bytes
         self._buffers = BufferPool()
-        self._streams = asyncio.Semaphore(max_concurrent_streams)
+        if limits is None:
+            limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
+        self._max_inflight = limits.max_inflight_bytes
+        #: Stream slots, memory bound and tenant quotas (kvstore/server/limits.py).
+        self.limits = Limits(limits, store, max_concurrent_streams=max_concurrent_streams)
         self.requests = 0
 
     def close(self) -> None:
+        if self._shm_channel is not None:
+            self._shm_channel.close()
         if self._segments is not None:
             self._segments.close()
         self._pool.shutdown(wait=True)
@@ -157,11 +168,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             )
 
     def _reserve(self, n: int) -> None:
-        if self._inflight + n > self._max_inflight:
-            raise CapacityError(
-                f"the daemon is receiving {self._inflight} bytes already and may buffer at most "
-                f"{self._max_inflight}; retry later or use smaller chunks"
-            )
+        self.limits.check_memory(n, self._inflight)
         self._inflight += n
 
     # -- Put -----------------------------------------------------------------
@@ -170,7 +177,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     ) -> pb.PutReply:
         async def run() -> pb.PutReply:
             principal = self._principal(context)
-            async with self._streams:
+            with await self.limits.stream(context.peer()):
                 return await self._put_stream(request_iterator, principal)
 
         return await self._run(context, run)
@@ -210,6 +217,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         raise InvalidArgument(f"{where}: header has no meta")
                     meta = meta_from_pb(header.meta, f"{where}.meta")
                     self._check_meta(meta, where)
+                    await self.limits.make_room_for_tenant(key, meta.nbytes)
                     self._reserve(meta.nbytes)
                     durable = header.durable
                     buf = self._buffers.take(meta.nbytes)
@@ -265,10 +273,11 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 frame = min(self._frame, PLAIN_CLIENT_FRAME)
             else:
                 frame = max(MIN_FRAME, min(self._frame, request.frame_bytes))
+            slot = await self.limits.stream(context.peer())
         except KVStoreError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
             return
-        async with self._streams:
+        with slot:
             for i, key in enumerate(keys):
                 started, tier = time.perf_counter(), self._store.locate(key)
                 chunk = await self._store.get(key)
@@ -311,6 +320,11 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         return await self._run(context, run)
 
     # -- shared memory -----------------------------------------------------------
+    def _channel(self) -> ShmChannel:
+        if self._shm_channel is None:
+            self._shm_channel = ShmChannel(self._segs().authenticate, self.shm_put, self.shm_get)
+        return self._shm_channel
+
     def _segs(self) -> SegmentTable:
         if self._segments is None:
             from kvstore.server.shm import FailedPrecondition
@@ -323,8 +337,13 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     ) -> pb.RegisterSegmentReply:
         async def run() -> pb.RegisterSegmentReply:
             principal = self._principal(context)
-            seg_id = self._segs().register(request.name, request.size, request.nonce, principal.tenant)
-            return pb.RegisterSegmentReply(segment_id=seg_id)
+            seg_id = self._segs().register(request.name, request.size, request.nonce, principal)
+            try:
+                control = await self._channel().ensure_started()
+            except OSError as exc:
+                log.warning("shared-memory control channel unavailable (%s); clients use ShmPut/ShmGet", exc)
+                control = ""
+            return pb.RegisterSegmentReply(segment_id=seg_id, control_socket=control)
 
         return await self._run(context, run)
 
@@ -338,76 +357,79 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         return await self._run(context, run)
 
     async def ShmPut(self, request: pb.ShmPutRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PutReply:
-        async def run() -> pb.PutReply:
-            principal = self._principal(context)
-            segs = self._segs()
-            if len(request.items) > self._max_batch:
-                raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
-            staged = []
-            for i, item in enumerate(request.items):
-                where = f"items[{i}]"
-                key = parse_key(item.key, f"{where}.key")
-                principal.check_key(key, write=True)
-                meta = meta_from_pb(item.meta, f"{where}.meta")
-                self._check_meta(meta, where)
-                if item.slice.length != meta.nbytes:
-                    raise InvalidArgument(
-                        f"{where}: slice length {item.slice.length} differs from meta.nbytes {meta.nbytes}"
-                    )
-                seg = segs.get(item.slice.segment_id, principal.tenant)
-                staged.append((key, meta, seg.view(item.slice.offset, item.slice.length), item.daemon_checksum))
-            # Every item is checked before any is stored: a failed request stores nothing.
-            started = time.perf_counter()
-            checked = []
-            for i, (key, meta, view, ours) in enumerate(staged):
-                got = await self._offload(meta.nbytes, checksum, view)
-                if ours:
-                    meta = dataclasses.replace(meta, checksum=got)
-                elif got != meta.checksum:
-                    raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
-                checked.append((key, meta, view))
-            results = []
-            for key, meta, view in checked:
-                tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True)
-                results.append(pb.PutResult(key=str(key), tier=tier))
-            elapsed = time.perf_counter() - started
-            written = [(k, r.tier, m.nbytes) for (k, m, _), r in zip(checked, results, strict=True)]
-            self._metrics.record_writes(written, elapsed)
-            return pb.PutReply(results=results)
+        return await self._run(context, lambda: self.shm_put(request, self._principal(context)))
 
-        return await self._run(context, run)
+    async def shm_put(self, request: pb.ShmPutRequest, principal: Principal) -> pb.PutReply:
+        """ShmPut for a caller already authenticated (over gRPC, or the shm channel)."""
+        segs = self._segs()
+        if len(request.items) > self._max_batch:
+            raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
+        staged = []
+        for i, item in enumerate(request.items):
+            where = f"items[{i}]"
+            key = parse_key(item.key, f"{where}.key")
+            principal.check_key(key, write=True)
+            meta = meta_from_pb(item.meta, f"{where}.meta")
+            self._check_meta(meta, where)
+            await self.limits.make_room_for_tenant(key, meta.nbytes)
+            if item.slice.length != meta.nbytes:
+                raise InvalidArgument(
+                    f"{where}: slice length {item.slice.length} differs from meta.nbytes {meta.nbytes}"
+                )
+            seg = segs.get(item.slice.segment_id, principal.tenant)
+            staged.append((key, meta, seg.view(item.slice.offset, item.slice.length), item.daemon_checksum))
+        # Every item is checked before any is stored: a failed request stores nothing.
+        started = time.perf_counter()
+        checked = []
+        for i, (key, meta, view, ours) in enumerate(staged):
+            got = await self._offload(meta.nbytes, checksum, view)
+            if ours:
+                meta = dataclasses.replace(meta, checksum=got)
+            elif got != meta.checksum:
+                raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
+            checked.append((key, meta, view))
+        results = []
+        for key, meta, view in checked:
+            tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True)
+            results.append(pb.PutResult(key=str(key), tier=tier))
+        elapsed = time.perf_counter() - started
+        written = [(k, r.tier, m.nbytes) for (k, m, _), r in zip(checked, results, strict=True)]
+        self._metrics.record_writes(written, elapsed)
+        return pb.PutReply(results=results)
+
 
     async def ShmGet(self, request: pb.ShmGetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ShmGetReply:
-        async def run() -> pb.ShmGetReply:
-            principal = self._principal(context)
-            segs = self._segs()
-            if len(request.items) > self._max_batch:
-                raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
-            targets = []
-            for i, item in enumerate(request.items):
-                key = parse_key(item.key, f"items[{i}].key")
-                principal.check_key(key)
-                seg = segs.get(item.slice.segment_id, principal.tenant)
-                targets.append((key, seg.view(item.slice.offset, item.slice.length)))
-            results = []
-            for key, dst in targets:
-                started, tier = time.perf_counter(), self._store.locate(key)
-                chunk = await self._store.get(key)
-                if chunk is None:
-                    self._metrics.record_miss(key)
-                    results.append(pb.ShmGetResult(found=False))
-                    continue
-                with chunk:
-                    n = chunk.meta.nbytes
-                    if n > dst.nbytes:
-                        results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
-                        continue
-                    await self._offload(n, _copy, dst[:n], chunk.payload)
-                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
-                self._metrics.record_read(key, tier, n, time.perf_counter() - started)
-            return pb.ShmGetReply(results=results)
+        return await self._run(context, lambda: self.shm_get(request, self._principal(context)))
 
-        return await self._run(context, run)
+    async def shm_get(self, request: pb.ShmGetRequest, principal: Principal) -> pb.ShmGetReply:
+        """ShmGet for a caller already authenticated (over gRPC, or the shm channel)."""
+        segs = self._segs()
+        if len(request.items) > self._max_batch:
+            raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
+        targets = []
+        for i, item in enumerate(request.items):
+            key = parse_key(item.key, f"items[{i}].key")
+            principal.check_key(key)
+            seg = segs.get(item.slice.segment_id, principal.tenant)
+            targets.append((key, seg.view(item.slice.offset, item.slice.length)))
+        results = []
+        for key, dst in targets:
+            started, tier = time.perf_counter(), self._store.locate(key)
+            chunk = await self._store.get(key)
+            if chunk is None:
+                self._metrics.record_miss(key)
+                results.append(pb.ShmGetResult(found=False))
+                continue
+            with chunk:
+                n = chunk.meta.nbytes
+                if n > dst.nbytes:
+                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
+                    continue
+                await self._offload(n, _copy, dst[:n], chunk.payload)
+                results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
+            self._metrics.record_read(key, tier, n, time.perf_counter() - started)
+        return pb.ShmGetReply(results=results)
+
 
 
 def _copy(dst: memoryview, src: memoryview) -> None:

@@ -6,8 +6,11 @@ ours (no path parts), the size matches, and it reads back the same nonce: a
 daemon on another host (or in another IPC namespace) cannot, so registration
 fails there with FAILED_PRECONDITION and the client uses the byte stream.
 
-Segments belong to the tenant that registered them; a slice names a
-segment id plus offset and length, bounds-checked here on every use.
+Segments belong to the principal (tenant and role) that registered them; a
+slice names a segment id plus offset and length, bounds-checked here on every
+use.  The id and the nonce together are the segment's secret: the control
+channel (shm_channel.py) accepts a connection that presents both as acting
+for the segment's principal.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied
+from kvstore.server.auth import Principal
 
 SHM_DIR = Path("/dev/shm")
 NONCE_BYTES = 16
@@ -39,6 +43,8 @@ class Segment:
     tenant: str | None
     size: int
     map: mmap.mmap
+    nonce: bytes
+    principal: Principal
 
     def view(self, offset: int, length: int) -> memoryview:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -60,7 +66,7 @@ class SegmentTable:
     def mapped_bytes(self) -> int:
         return sum(s.size for s in self._segments.values())
 
-    def register(self, name: str, size: int, nonce: bytes, tenant: str | None) -> int:
+    def register(self, name: str, size: int, nonce: bytes, principal: Principal) -> int:
         if not _NAME_RE.match(name):
             raise InvalidArgument("segment name must be 'kvstore-' followed by 8-64 characters [A-Za-z0-9_-]")
         if len(nonce) != NONCE_BYTES:
@@ -78,15 +84,24 @@ class SegmentTable:
             st = os.fstat(fd)
             if st.st_size != size:
                 raise FailedPrecondition(f"segment {name} is {st.st_size} bytes here, the client said {size}")
-            mm = mmap.mmap(fd, size)
+            # MAP_POPULATE: map the client's (already committed) pages now, not
+            # one fault per 4 KiB page during the first copies.
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
         if not hmac.compare_digest(mm[:NONCE_BYTES], nonce):
             mm.close()
             raise FailedPrecondition("segment nonce mismatch: the daemon sees a different file than the client")
         seg_id = secrets.randbits(62) + 1
-        self._segments[seg_id] = Segment(seg_id, name, tenant, size, mm)
+        self._segments[seg_id] = Segment(seg_id, name, principal.tenant, size, mm, bytes(nonce), principal)
         return seg_id
+
+    def authenticate(self, seg_id: int, nonce: bytes) -> Segment:
+        """The segment whose id and nonce these are (the control channel's hello)."""
+        seg = self._segments.get(seg_id)
+        if seg is None or not hmac.compare_digest(seg.nonce, nonce):
+            raise PermissionDenied("unknown segment id or wrong nonce")
+        return seg
 
     def get(self, seg_id: int, tenant: str | None) -> Segment:
         seg = self._segments.get(seg_id)

@@ -148,6 +148,9 @@ class PeerTier(Tier):
         self._client: AsyncClient | None = None
 
     async def open(self) -> None:
+        self._client = self._make_client()
+
+    def _make_client(self) -> AsyncClient:
         from kvstore.client.aio import AsyncClient, ClientTLS
 
         cfg = self.config
@@ -157,7 +160,7 @@ class PeerTier(Tier):
         tls = None
         if cfg.tls_ca is not None:
             tls = ClientTLS(ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key, server_name=cfg.tls_server_name)
-        self._client = AsyncClient(
+        return AsyncClient(
             cfg.address,
             token=token,
             tls=tls,
@@ -205,28 +208,34 @@ class PeerTier(Tier):
 
     async def _call(self, what: str, nbytes: int, fn: Callable[[], Awaitable[T]]) -> T:
         async with self.breaker.guard(self.config.budget(nbytes), what):
+            if self.breaker.state == "half-open":
+                # This call probes a peer that failed.  A fresh channel connects
+                # at once; the old one would wait out gRPC's reconnect backoff,
+                # which grows towards two minutes while the peer is down.
+                old, self._client = self._peer(), self._make_client()
+                await old.close()
             return await fn()
 
     # -- operations ------------------------------------------------------------------------------
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
         """Store the chunk on the peer, metadata intact; raises RemoteUnavailable on failure."""
-        client = self._peer()
-        # _put_stream sends our ChunkMeta as is (codec, dtype, shape): the
-        # public put() derives metadata from a value and would lose the codec.
+        self._peer()
+        # put_chunks sends our ChunkMeta as is (codec, dtype, shape): put()
+        # derives metadata from a value and would lose the codec.
         await self._call(
-            "put", chunk.meta.nbytes, lambda: client._put_stream([(str(key), chunk.meta, chunk.payload)], False)
+            "put", chunk.meta.nbytes, lambda: self._peer().put_chunks([(key, chunk.meta, chunk.payload)])
         )
         self.counters.puts += 1
         self.counters.bytes_written += chunk.meta.nbytes
 
     async def get(self, key: ChunkKey) -> Chunk | None:
         """The chunk, or None: missing, corrupt in transit, or the peer unavailable."""
-        client = self._peer()
+        self._peer()
         try:
             # The size is unknown until the header arrives: budget for the
             # largest chunk expected.
             got = (
-                await self._call("get", self.config.max_chunk_bytes, lambda: client.get_many([str(key)]))
+                await self._call("get", self.config.max_chunk_bytes, lambda: self._peer().get_many([str(key)]))
             )[0]
         except RemoteUnavailable:
             got = None
@@ -245,9 +254,9 @@ class PeerTier(Tier):
         """Presence on the peer (any of its tiers); all False when unavailable."""
         if not keys:
             return []
-        client = self._peer()
+        self._peer()
         try:
-            return await self._call("exists", 0, lambda: client.exists([str(k) for k in keys]))
+            return await self._call("exists", 0, lambda: self._peer().exists([str(k) for k in keys]))
         except RemoteUnavailable:
             return [False] * len(keys)
 
@@ -257,8 +266,8 @@ class PeerTier(Tier):
         The peer does not report sizes: returns 1 when it had the key (so the
         store counts it as found), 0 otherwise.
         """
-        client = self._peer()
-        found = (await self._call("delete", 0, lambda: client.delete([str(key)])))[0]
+        self._peer()
+        found = (await self._call("delete", 0, lambda: self._peer().delete([str(key)])))[0]
         if found:
             self.counters.deletes += 1
         return 1 if found else 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\x81\x01\n\tChunkMeta\x12\x0e\n\x06nbytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x15\n\rcodec_version\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\x0e\n\x06layout\x18\x07 \x01(\t\"N\n\tPutHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12\x0f\n\x07\x64urable\x18\x03 \x01(\x08\"K\n\x08PutFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"&\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"2\n\x08PutReply\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.PutResult\"/\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\r\"[\n\tGetHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12#\n\x04meta\x18\x04 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\"K\n\x08GetFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"+\n\x0bLookupReply\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05tiers\x18\x02 \x03(\t\"\x1d\n\rExistsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x1e\n\x0b\x45xistsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x1c\n\x0b\x44\x65leteReply\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\"C\n\x16RegisterSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"*\n\x14RegisterSegmentReply\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\"+\n\x15ReleaseSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\"\x15\n\x13ReleaseSegmentReply\">\n\x08ShmSlice\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"|\n\nShmPutItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12#\n\x05slice\x18\x03 \x01(\x0b\x32\x14.kvstore.v1.ShmSlice\x12\x17\n\x0f\x64\x61\x65mon_checksum\x18\x04 \x01(\x08\"G\n\rShmPutRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.ShmPutItem\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\">\n\nShmGetItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05slice\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.ShmSlice\"6\n\rShmGetRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.ShmGetItem\"S\n\x0cShmGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12\x0f\n\x07written\x18\x03 \x01(\x08\"8\n\x0bShmGetReply\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvstore.v1.ShmGetResult2\xd7\x04\n\x07KVStore\x12\x33\n\x03Put\x12\x14.kvstore.v1.PutFrame\x1a\x14.kvstore.v1.PutReply(\x01\x12\x35\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetFrame0\x01\x12<\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x17.kvstore.v1.LookupReply\x12<\n\x06\x45xists\x12\x19.kvstore.v1.ExistsRequest\x1a\x17.kvstore.v1.ExistsReply\x12<\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x17.kvstore.v1.DeleteReply\x12W\n\x0fRegisterSegment\x12\".kvstore.v1.RegisterSegmentRequest\x1a .kvstore.v1.RegisterSegmentReply\x12T\n\x0eReleaseSegment\x12!.kvstore.v1.ReleaseSegmentRequest\x1a\x1f.kvstore.v1.ReleaseSegmentReply\x12\x39\n\x06ShmPut\x12\x19.kvstore.v1.ShmPutRequest\x1a\x14.kvstore.v1.PutReply\x12<\n\x06ShmGet\x12\x19.kvstore.v1.ShmGetRequest\x1a\x17.kvstore.v1.ShmGetReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\x81\x01\n\tChunkMeta\x12\x0e\n\x06nbytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x15\n\rcodec_version\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\x0e\n\x06layout\x18\x07 \x01(\t\"N\n\tPutHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12\x0f\n\x07\x64urable\x18\x03 \x01(\x08\"K\n\x08PutFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"&\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"2\n\x08PutReply\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.PutResult\"/\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\r\"[\n\tGetHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12#\n\x04meta\x18\x04 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\"K\n\x08GetFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.GetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"+\n\x0bLookupReply\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05tiers\x18\x02 \x03(\t\"\x1d\n\rExistsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x1e\n\x0b\x45xistsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x1c\n\x0b\x44\x65leteReply\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\"C\n\x16RegisterSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"B\n\x14RegisterSegmentReply\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x63ontrol_socket\x18\x02 \x01(\t\"+\n\x15ReleaseSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\"\x15\n\x13ReleaseSegmentReply\">\n\x08ShmSlice\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"|\n\nShmPutItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12#\n\x05slice\x18\x03 \x01(\x0b\x32\x14.kvstore.v1.ShmSlice\x12\x17\n\x0f\x64\x61\x65mon_checksum\x18\x04 \x01(\x08\"G\n\rShmPutRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.ShmPutItem\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\">\n\nShmGetItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05slice\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.ShmSlice\"6\n\rShmGetRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.ShmGetItem\"S\n\x0cShmGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ChunkMeta\x12\x0f\n\x07written\x18\x03 \x01(\x08\"8\n\x0bShmGetReply\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvstore.v1.ShmGetResult2\xd7\x04\n\x07KVStore\x12\x33\n\x03Put\x12\x14.kvstore.v1.PutFrame\x1a\x14.kvstore.v1.PutReply(\x01\x12\x35\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetFrame0\x01\x12<\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x17.kvstore.v1.LookupReply\x12<\n\x06\x45xists\x12\x19.kvstore.v1.ExistsRequest\x1a\x17.kvstore.v1.ExistsReply\x12<\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x17.kvstore.v1.DeleteReply\x12W\n\x0fRegisterSegment\x12\".kvstore.v1.RegisterSegmentRequest\x1a .kvstore.v1.RegisterSegmentReply\x12T\n\x0eReleaseSegment\x12!.kvstore.v1.ReleaseSegmentRequest\x1a\x1f.kvstore.v1.ReleaseSegmentReply\x12\x39\n\x06ShmPut\x12\x19.kvstore.v1.ShmPutRequest\x1a\x14.kvstore.v1.PutReply\x12<\n\x06ShmGet\x12\x19.kvstore.v1.ShmGetRequest\x1a\x17.kvstore.v1.ShmGetReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -62,25 +62,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERSEGMENTREQUEST']._serialized_start=840
   _globals['_REGISTERSEGMENTREQUEST']._serialized_end=907
   _globals['_REGISTERSEGMENTREPLY']._serialized_start=909
-  _globals['_REGISTERSEGMENTREPLY']._serialized_end=951
-  _globals['_RELEASESEGMENTREQUEST']._serialized_start=953
-  _globals['_RELEASESEGMENTREQUEST']._serialized_end=996
-  _globals['_RELEASESEGMENTREPLY']._serialized_start=998
-  _globals['_RELEASESEGMENTREPLY']._serialized_end=1019
-  _globals['_SHMSLICE']._serialized_start=1021
-  _globals['_SHMSLICE']._serialized_end=1083
-  _globals['_SHMPUTITEM']._serialized_start=1085
-  _globals['_SHMPUTITEM']._serialized_end=1209
-  _globals['_SHMPUTREQUEST']._serialized_start=1211
-  _globals['_SHMPUTREQUEST']._serialized_end=1282
-  _globals['_SHMGETITEM']._serialized_start=1284
-  _globals['_SHMGETITEM']._serialized_end=1346
-  _globals['_SHMGETREQUEST']._serialized_start=1348
-  _globals['_SHMGETREQUEST']._serialized_end=1402
-  _globals['_SHMGETRESULT']._serialized_start=1404
-  _globals['_SHMGETRESULT']._serialized_end=1487
-  _globals['_SHMGETREPLY']._serialized_start=1489
-  _globals['_SHMGETREPLY']._serialized_end=1545
-  _globals['_KVSTORE']._serialized_start=1548
-  _globals['_KVSTORE']._serialized_end=2147
+  _globals['_REGISTERSEGMENTREPLY']._serialized_end=975
+  _globals['_RELEASESEGMENTREQUEST']._serialized_start=977
+  _globals['_RELEASESEGMENTREQUEST']._serialized_end=1020
+  _globals['_RELEASESEGMENTREPLY']._serialized_start=1022
+  _globals['_RELEASESEGMENTREPLY']._serialized_end=1043
+  _globals['_SHMSLICE']._serialized_start=1045
+  _globals['_SHMSLICE']._serialized_end=1107
+  _globals['_SHMPUTITEM']._serialized_start=1109
+  _globals['_SHMPUTITEM']._serialized_end=1233
+  _globals['_SHMPUTREQUEST']._serialized_start=1235
+  _globals['_SHMPUTREQUEST']._serialized_end=1306
+  _globals['_SHMGETITEM']._serialized_start=1308
+  _globals['_SHMGETITEM']._serialized_end=1370
+  _globals['_SHMGETREQUEST']._serialized_start=1372
+  _globals['_SHMGETREQUEST']._serialized_end=1426
+  _globals['_SHMGETRESULT']._serialized_start=1428
+  _globals['_SHMGETRESULT']._serialized_end=1511
+  _globals['_SHMGETREPLY']._serialized_start=1513
+  _globals['_SHMGETREPLY']._serialized_end=1569
+  _globals['_KVSTORE']._serialized_start=1572
+  _globals['_KVSTORE']._serialized_end=2171
 # @@protoc_insertion_point(module_scope)

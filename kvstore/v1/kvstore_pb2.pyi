@@ -133,10 +133,12 @@ class RegisterSegmentRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class RegisterSegmentReply(_message.Message):
-    __slots__ = ("segment_id",)
+    __slots__ = ("segment_id", "control_socket")
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     segment_id: int
-    def __init__(self, segment_id: _Optional[int] = ...) -> None: ...
+    control_socket: str
+    def __init__(self, segment_id: _Optional[int] = ..., control_socket: _Optional[str] = ...) -> None: ...
 
 class ReleaseSegmentRequest(_message.Message):
     __slots__ = ("segment_id",)

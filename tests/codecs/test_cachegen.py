@@ -13,6 +13,7 @@ from kvstore.codecs import cachegen_torch as ct
 from kvstore.codecs import format as fmt
 from kvstore.codecs import get_codec
 from kvstore.codecs.cachegen_library import PROB_BITS, library, library_hash
+from kvstore.errors import CodecError
 from tests.codecs.conftest import RealKV
 
 needs_native = pytest.mark.skipif(not native.available(), reason="compiled kernel not built")
@@ -131,3 +132,55 @@ def test_deterministic(real_kv: RealKV) -> None:
     chunk = real_kv.chunk(7)
     codec = get_codec("cachegen")
     assert codec.encode(chunk) == codec.encode(chunk.clone())
+
+
+def _encode_decode(x: torch.Tensor, level: int) -> tuple[bytes, torch.Tensor]:
+    codec = get_codec("cachegen")
+    data = codec.encode(x, level=level)
+    return data, codec.decode(data)
+
+
+@pytest.mark.skipif(not native.available() or not native.module().simd(), reason="no AVX2 coders (CPU, or disabled)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_simd_and_scalar_coders_agree(real_kv: RealKV, dtype: torch.dtype) -> None:
+    # The AVX2 rANS coders (two streams interleaved when decoding), the F16C
+    # conversions and the scalar code must give the same bytes and values.
+    chunk = real_kv.kv[:6, :, 512:640].to(dtype).contiguous()
+    odd = torch.randn(2, 2, 37, 3, 24).cumsum(2).to(dtype)  # 72 channels: not a multiple of 16 lanes
+    mod = native.module()
+    for x in (chunk, odd):
+        for level in (0, 2, cg.DEFAULT_LEVEL):
+            mod.set_simd(True)
+            fast = _encode_decode(x, level)
+            mod.set_simd(False)
+            try:
+                slow = _encode_decode(x, level)
+            finally:
+                mod.set_simd(True)  # on before the test (its skip condition)
+            assert fast[0] == slow[0]
+            assert torch.equal(fast[1], slow[1])
+            assert torch.equal(get_codec("cachegen").decode(slow[0]), fast[1])
+
+
+@needs_native
+def test_worker_count_does_not_change_the_result(real_kv: RealKV, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk = real_kv.chunk(3)
+    codec = get_codec("cachegen")
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "1")
+    one = codec.encode(chunk)
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    two = codec.encode(chunk)
+    assert one == two
+    assert torch.equal(codec.decode(one), codec.decode(two))
+
+
+@needs_native
+def test_a_corrupt_stream_fails_whichever_worker_decodes_it(real_kv: RealKV) -> None:
+    data = bytearray(get_codec("cachegen").encode(real_kv.chunk(2)))
+    _, sections = fmt.unpack(bytes(data))
+    p = cg.parse_sections(sections, cg.Geometry.of(real_kv.chunk(2).shape))
+    # Flip a byte in the middle of the last stream's rANS words, then reseal.
+    words_at = len(data) - 8 - sum(s.nbytes for s in sections) + sum(s.nbytes for s in sections[:3])
+    data[words_at + int(p.word_off[-2] + p.word_off[-1]) // 2] ^= 0x5A
+    with pytest.raises(CodecError, match="corrupt"):
+        get_codec("cachegen").decode(fmt.reseal(data))

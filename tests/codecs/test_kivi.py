@@ -50,3 +50,13 @@ def test_odd_shapes_round_trip() -> None:
 def test_group_size_is_validated() -> None:
     with pytest.raises(InvalidArgument, match="group_size"):
         get_codec("kivi", group_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_encode_leaves_its_input_untouched(dtype: torch.dtype) -> None:
+    # The quantizer works in place on a float32 scratch copy; float32 input must not be that copy.
+    x = torch.randn(2, 2, 64, 1, 32).to(dtype)
+    before = x.clone()
+    for level in (0, 2):
+        get_codec("kivi", group_size=32).encode(x, level=level)
+    assert torch.equal(x, before)

@@ -199,6 +199,63 @@ def test_shared_memory_buffers_put_and_get_in_place(server: DaemonProcess) -> No
         c.free_buffer(buf)
 
 
+def test_segment_buffers_take_the_direct_path_from_the_calling_thread(server: DaemonProcess) -> None:
+    """put of a segment tensor and get_into one skip the event loop (sync.py); same results."""
+    with kvstore.Client(server.address, shm=True) as c:
+        buf = c.buffer(2 * MiB + 5)
+        assert buf is not None
+        buf.copy_(torch.frombuffer(bytearray(blob(22, 2 * MiB + 5)), dtype=torch.uint8))
+        assert c.put(key(22, model="direct"), buf) == "cpu"
+        direct = c._blocking  # noqa: SLF001 - which path carried the call is under test
+        assert direct is not None and not direct.broken
+        buf.zero_()
+        meta = c.get_into(key(22, model="direct"), buf)
+        assert meta is not None and meta.nbytes == 2 * MiB + 5
+        assert bytes(buf.numpy()) == blob(22, 2 * MiB + 5)
+        assert c.get_into(key(23, model="direct"), buf) is None  # a miss
+        small = c.buffer(MiB)
+        assert small is not None
+        with pytest.raises(InvalidArgument, match="room for"):
+            c.get_into(key(22, model="direct"), small)
+        # A lost connection: the call takes the ordinary path, the next reconnects.
+        direct.close()
+        buf.fill_(7)
+        c.put(key(24, model="direct"), buf)
+        assert c.get_bytes(key(24, model="direct")) == bytes([7]) * (2 * MiB + 5)
+        assert c._blocking is not None and c._blocking is not direct  # noqa: SLF001
+        c.free_buffer(buf)
+        c.free_buffer(small)
+
+
+def test_threads_share_the_direct_path(server: DaemonProcess) -> None:
+    """Threads of one client using segment buffers at once: a busy channel sends the others
+    through the event loop; every value comes back byte-exact."""
+    errors: list[BaseException] = []
+    with kvstore.Client(server.address, shm=True) as c:
+
+        def work(w: int) -> None:
+            try:
+                buf = c.buffer(MiB)
+                assert buf is not None
+                for i in range(15):
+                    data = blob(w * 100 + i, MiB)
+                    buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    c.put(key(i, model=f"direct-t{w}"), buf)
+                    buf.zero_()
+                    assert c.get_into(key(i, model=f"direct-t{w}"), buf) is not None
+                    assert bytes(buf.numpy()) == data
+                c.free_buffer(buf)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
 # -- raw generated stubs ---------------------------------------------------------------------
 @pytest.mark.parametrize("frame_bytes", [0, 64 << 10, 1 << 20])
 def test_raw_stub_put_and_get_streams(server: DaemonProcess, frame_bytes: int) -> None:

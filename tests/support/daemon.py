@@ -38,7 +38,9 @@ def cpu_and_disk(disk_path: Path, cpu: str = "128MiB", disk: str = "1GiB", **ser
 
 
 class DaemonProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], *, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], *, extra_args: list[str] | None = None, wrap: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "kvstore.yaml"
@@ -46,6 +48,8 @@ class DaemonProcess:
         self.port_file = workdir / "port"
         self.log_path = workdir / "daemon.log"
         self.extra_args = extra_args or []
+        #: A command the daemon runs under, which must exec it (e.g. unshare), so the PID is the daemon's.
+        self.wrap = wrap or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -58,7 +62,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.cli", "serve", "--config", str(self.config_path),
+            [*self.wrap, sys.executable, "-m", "kvstore.cli", "serve", "--config", str(self.config_path),
              "--port-file", str(self.port_file), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,

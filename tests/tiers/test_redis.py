@@ -387,6 +387,23 @@ async def test_cluster_parts_together(redis_cluster: RedisClusterProcess) -> Non
         await reader.close()
 
 
+async def test_cluster_single_part_rides_with_its_manifest(redis_cluster: RedisClusterProcess) -> None:
+    # One part lands on one node anyway: tagged with the manifest, the put is
+    # one pipeline on one node (one round trip) even with cluster_parts=spread.
+    t = await opened(cfg(redis_cluster.url, key_prefix="one:"))
+    try:
+        data = _rand(1 * MiB, 301)
+        await t.put(key(21), Chunk.from_bytes(data))
+        holders = [n for n in redis_cluster.nodes if n.client().keys("one:*")]
+        assert len(holders) == 1
+        names = sorted(k.decode() for k in holders[0].client().keys("one:*"))
+        assert names[0] == f"one:m:{{{key(21)}}}" and names[1].startswith(f"one:p:{{{key(21)}}}:")
+        got = await t.get(key(21))
+        assert got is not None and bytes(got.payload) == data
+    finally:
+        await t.close()
+
+
 async def test_cluster_node_killed_and_restarted(redis_cluster: RedisClusterProcess) -> None:
     t = await opened(cfg(redis_cluster.url, key_prefix="crash:", timeout_s=0.5))
     try:

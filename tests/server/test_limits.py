@@ -1,0 +1,226 @@
+"""Limits and backpressure (kvstore/server/limits.py) against a real daemon.
+
+Streams per client and in total, the resident-memory bound and per-tenant
+quotas: each is pushed past its limit, and must answer RESOURCE_EXHAUSTED
+with a message naming the limit, keep the daemon serving, and free up again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from kvstore.config import LimitsConfig, load
+from kvstore.errors import ConfigError
+from kvstore.v1 import admin_pb2 as apb
+from kvstore.v1 import admin_pb2_grpc as apb_grpc
+from kvstore.v1 import kvstore_pb2 as pb
+from tests.server import MiB, blob, data_frames, header, key, raw_get, raw_put, rpc_error, stub
+from tests.support.daemon import DaemonProcess, cpu_only
+
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def own_channel(address: str) -> grpc.Channel:
+    """A channel with its own connection: the daemon sees it as another client."""
+    return grpc.insecure_channel(
+        address,
+        options=[("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)],
+    )
+
+
+class HeldPut:
+    """A Put stream kept open (header sent, data withheld) until ``release``."""
+
+    def __init__(self, ch: grpc.Channel, k: str, data: bytes) -> None:
+        self._go = threading.Event()
+        self.data = data
+
+        def frames() -> Iterator[pb.PutFrame]:
+            yield header(k, data)
+            self._go.wait(30)
+            yield from data_frames(data)
+
+        self.future = stub(ch).Put.future(frames(), timeout=60)
+
+    def release(self) -> pb.PutReply:
+        self._go.set()
+        return self.future.result()
+
+
+def resident(pid: int) -> int:
+    """RssAnon + RssFile of ``pid``: what the daemon's bound counts."""
+    total = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+# -- streams -------------------------------------------------------------------------------
+def test_streams_per_client_and_in_total(daemon_factory: Callable[..., DaemonProcess]) -> None:
+    d = daemon_factory(
+        cpu_only("64MiB", max_concurrent_streams=3, limits={"max_streams_per_client": 2, "stream_wait_s": 1})
+    )
+    with own_channel(d.address) as one, own_channel(d.address) as two:
+        held = [HeldPut(one, key(i), blob(i, 100_000)) for i in range(2)]
+        time.sleep(0.5)  # both streams open on the daemon
+        # A third stream of the same client is refused at once: one client cannot take every slot.
+        start = time.monotonic()
+        rpc_error(lambda: raw_put(stub(one), [(key(9), b"x")]), EXHAUSTED, "per client", "max_streams_per_client")
+        assert time.monotonic() - start < 0.9
+        # Another client gets the last slot of three...
+        third = HeldPut(two, key(2), blob(2, 100_000))
+        time.sleep(0.3)
+        # ... and its next stream waits stream_wait_s for a free slot, then is refused.
+        start = time.monotonic()
+        rpc_error(lambda: raw_get(stub(two), [key(0)]), EXHAUSTED, "max_concurrent_streams", "retry later")
+        assert 0.9 < time.monotonic() - start < 5
+        # A stream that waits gets the slot as soon as one frees up.
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(raw_get, stub(two), [key(0)])
+            time.sleep(0.3)
+            assert [len(r.results) for r in (h.release() for h in held)] == [1, 1]
+            assert waiting.result(timeout=10) == [blob(0, 100_000)]
+        assert len(third.release().results) == 1
+        # Every slot came back: both clients stream again.
+        assert raw_get(stub(one), [key(1), key(2)]) == [blob(1, 100_000), blob(2, 100_000)]
+
+
+# -- memory --------------------------------------------------------------------------------
+def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    # Measure an idle daemon first: the bound is set just above what it needs to run.
+    probe = daemon_factory(cpu_only("32MiB"), name="probe")
+    with own_channel(probe.address) as ch:
+        raw_put(stub(ch), [(key(0), blob(0, MiB))])
+    idle = resident(probe.proc.pid)  # type: ignore[union-attr]
+    probe.stop()
+    bound = idle + 96 * MiB
+    d = daemon_factory(cpu_only("32MiB", limits={"max_memory": bound}), name="bounded")
+    pid = d.proc.pid  # type: ignore[union-attr]
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident(pid))
+            time.sleep(0.002)
+
+    outcomes: dict[str, int] = {"ok": 0, "refused": 0}
+    lock = threading.Lock()
+
+    def flood(w: int) -> None:
+        # 24 MiB chunks, 8 clients at once: 192 MiB in flight would pass the bound.
+        with own_channel(d.address) as ch:
+            for i in range(4):
+                k, data = key(100 * w + i), blob(w, 24 * MiB)
+                try:
+                    raw_put(stub(ch), [(k, data)])
+                    got = "ok"
+                except grpc.RpcError as err:
+                    assert err.code() == EXHAUSTED, err.details()
+                    assert "memory bound" in (err.details() or "") and "max_memory" in (err.details() or "")
+                    got = "refused"
+                with lock:
+                    outcomes[got] += 1
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(flood, range(8)))
+    finally:
+        done.set()
+        sampler.join()
+    assert outcomes["refused"] > 0 and outcomes["ok"] > 0, outcomes
+    # Known gap (docs/reliability.md): the gRPC transport buffers what clients push
+    # before a handler reads a header, outside the daemon's accounting; at most
+    # about one chunk per concurrent client here.  Beyond that the bound holds.
+    transport = 8 * 24 * MiB
+    assert peak <= bound + transport, f"resident memory reached {peak >> 20} MiB, bound {bound >> 20} MiB"
+    # Refusal is not permanent: once the flood is over, puts are accepted again.
+    with own_channel(d.address) as ch:
+        raw_put(stub(ch), [(key(7777), blob(7, 4 * MiB))])
+        assert raw_get(stub(ch), [key(7777)]) == [blob(7, 4 * MiB)]
+    print(f"idle {idle >> 20} MiB, bound {bound >> 20} MiB, peak {peak >> 20} MiB, {outcomes}")
+
+
+def test_inflight_bound(daemon_factory: Callable[..., DaemonProcess]) -> None:
+    d = daemon_factory(cpu_only("64MiB", limits={"max_inflight": "4MiB"}))
+    with own_channel(d.address) as ch:
+        held = HeldPut(ch, key(1), blob(1, 3 * MiB))
+        time.sleep(0.3)
+        rpc_error(lambda: raw_put(stub(ch), [(key(2), blob(2, 2 * MiB))]), EXHAUSTED, "max_inflight")
+        assert len(held.release().results) == 1
+        raw_put(stub(ch), [(key(2), blob(2, 2 * MiB))])  # room again
+
+
+# -- tenant quotas ----------------------------------------------------------------------------
+def _tenant_bytes(admin: apb_grpc.AdminStub, tenant: str) -> int:
+    stats = admin.Stats(apb.StatsRequest(), timeout=10)
+    return sum(n.bytes for n in stats.namespaces if n.namespace.startswith(tenant + "/"))
+
+
+def test_tenant_quota_spans_models_evicts_own_chunks_and_spares_others(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    d = daemon_factory(cpu_only("64MiB", limits={"tenant_quotas": {"acme": "4MiB"}}))
+    with own_channel(d.address) as ch:
+        s, admin = stub(ch), apb_grpc.AdminStub(ch)
+        others = [(key(i, tenant="other"), blob(500 + i, MiB)) for i in range(8)]
+        raw_put(s, others)
+        acme = [(key(i, tenant="acme", model=f"m{i % 2}"), blob(i, MiB)) for i in range(10)]
+        for k, data in acme:  # two models, one quota: the tenant's total stays under it
+            raw_put(s, [(k, data)])
+            assert _tenant_bytes(admin, "acme") <= 4 * MiB
+            assert raw_get(s, [k]) == [data]  # the chunk just put is kept
+        got = raw_get(s, [k for k, _ in acme])
+        kept = [i for i, g in enumerate(got) if g is not None]
+        assert len(kept) == 4 and all(got[i] == acme[i][1] for i in kept)  # whole chunks, the tenant's own
+        assert raw_get(s, [k for k, _ in others]) == [data for _, data in others]  # another tenant: untouched
+        rpc_error(lambda: raw_put(s, [(key(99, tenant="acme"), blob(99, 5 * MiB))]), EXHAUSTED, "quota", "acme")
+        # When everything the tenant holds is pinned, a put is refused rather than evicting a pin.
+        admin.Pin(apb.PinRequest(selector=apb.Selector(key_prefix="acme/"), ttl_s=60), timeout=10)
+        rpc_error(lambda: raw_put(s, [(key(98, tenant="acme"), blob(98, MiB))]), EXHAUSTED, "pinned")
+        assert raw_get(s, [acme[i][0] for i in kept]) == [acme[i][1] for i in kept]
+
+
+# -- config -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("max_memory", "1MiB", "server.limits.max_memory"),
+        ("max_memory", "lots", "server.limits.max_memory"),
+        ("max_inflight", "1KiB", "server.limits.max_inflight"),
+        ("max_streams_per_client", 0, "server.limits.max_streams_per_client"),
+        ("stream_wait_s", -1, "server.limits.stream_wait_s"),
+        ("tenant_quotas", {"bad tenant!": "1GiB"}, "server.limits.tenant_quotas"),
+        ("tenant_quotas", {"acme": 0}, "server.limits.tenant_quotas.acme"),
+        ("nonsense", 1, "server.limits: unknown field"),
+    ],
+)
+def test_config_errors_name_the_field(field: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load(environ={}, overrides=[(f"server.limits.{field}", value)])
+
+
+def test_memory_bound_below_the_cpu_arenas_is_refused() -> None:
+    with pytest.raises(ConfigError, match="must exceed the cpu tiers' capacity"):
+        load(environ={}, overrides=[("tiers.cpu.capacity", "1GiB"), ("server.limits.max_memory", "1GiB")])
+    cfg = load(
+        environ={},
+        overrides=[("tiers.cpu.capacity", "1GiB"), ("server.limits.max_memory", "2GiB"),
+                   ("server.limits.tenant_quotas.acme", "10GiB")],
+    )
+    assert cfg.server.limits == LimitsConfig(max_memory_bytes=2 << 30, tenant_quotas=(("acme", 10 << 30),))
+
