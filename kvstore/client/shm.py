@@ -155,19 +155,27 @@ class ControlChannel:
                 self.broken = True
                 self.close()
                 raise
-        if reply_kind == KIND_OK:
-            return reply
-        if reply_kind == KIND_ERROR:
-            status, _, message = reply.decode("utf-8", "replace").partition("\n")
-            raise error_for_status(status, message)
-        self.broken = True
-        self.close()
-        raise ConnectionError(f"daemon sent a control message of unknown kind {reply_kind}")
+        if reply_kind not in (KIND_OK, KIND_ERROR):
+            self.broken = True
+            self.close()
+        return reply_body(reply_kind, reply)
 
     def close(self) -> None:
         self.broken = True
         with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self._writer.close()
+
+
+
+def reply_body(kind: int, body: bytes) -> bytes:
+    """The body of a control-channel reply of ``kind``; a typed error for an error
+    reply, ConnectionError for a kind this client does not know."""
+    if kind == KIND_OK:
+        return body
+    if kind == KIND_ERROR:
+        status, _, message = body.decode("utf-8", "replace").partition("\n")
+        raise error_for_status(status, message)
+    raise ConnectionError(f"daemon sent a control message of unknown kind {kind}")
 
 
 class BlockingControlChannel:
@@ -209,13 +217,9 @@ class BlockingControlChannel:
         except BaseException:
             self.close()
             raise
-        if reply_kind == KIND_OK:
-            return reply
-        if reply_kind == KIND_ERROR:
-            status, _, message = reply.decode("utf-8", "replace").partition("\n")
-            raise error_for_status(status, message)
-        self.close()
-        raise ConnectionError(f"daemon sent a control message of unknown kind {reply_kind}")
+        if reply_kind not in (KIND_OK, KIND_ERROR):
+            self.close()
+        return reply_body(reply_kind, reply)
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray(n)
