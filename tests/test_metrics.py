@@ -119,15 +119,16 @@ def test_counts_and_bytes_are_exact(metered: Callable[..., tuple[DaemonProcess, 
     # Bandwidth = bytes / the daemon's busy time.  That time is at most the
     # client's (the calls ran one after another), so the figure is at least
     # bytes / client time.  It is higher by the client's share of each call
-    # (RPC overhead, its own copies): measured 1.2-1.6x over the stream and up
-    # to ~7x over shared memory, where the daemon's part is one memcpy.  A
-    # unit error would be off by 1000x.
+    # (RPC overhead, its own copies): measured 1.2-1.6x over the stream and
+    # 7-32x over shared memory, where the daemon's part is one memcpy and the
+    # client's includes registering its segment.  A unit error would be off by
+    # 1000x, so 100x still catches one.
     for direction, secs, nbytes in (("write", put_s, n_put * size), ("read", get_s, n_hit * size)):
         bw = metric(m, f"kvstore_{direction}_bandwidth_bytes_per_second", tier="cpu")
         busy = metric(m, f"kvstore_{direction}_seconds_total", tier="cpu")
         client_bw = nbytes / secs
         assert bw == pytest.approx(nbytes / busy, rel=1e-6)
-        assert 0.95 * client_bw <= bw <= 30 * client_bw, (direction, bw, client_bw)
+        assert 0.95 * client_bw <= bw <= 100 * client_bw, (direction, bw, client_bw)
     # The Admin service reports the same figures.
     r = stats(d.address)
     cpu = r.tiers[0]

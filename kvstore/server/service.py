@@ -322,7 +322,9 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     # -- shared memory -----------------------------------------------------------
     def _channel(self) -> ShmChannel:
         if self._shm_channel is None:
-            self._shm_channel = ShmChannel(self._segs().authenticate, self.shm_put, self.shm_get)
+            self._shm_channel = ShmChannel(
+                self._segs().authenticate, self.shm_put, self.shm_get, self._metrics.observe_rpc
+            )
         return self._shm_channel
 
     def _segs(self) -> SegmentTable:

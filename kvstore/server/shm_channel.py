@@ -36,6 +36,7 @@ import logging
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -63,6 +64,9 @@ KIND_ERROR = ord("E")
 PutHandler = Callable[[pb.ShmPutRequest, Principal], Awaitable[pb.PutReply]]
 GetHandler = Callable[[pb.ShmGetRequest, Principal], Awaitable[pb.ShmGetReply]]
 Authenticate = Callable[[int, bytes], Segment]
+#: (method, seconds, status code name): the daemon's RPC metrics, so that a request
+#: served here counts as the ShmPut/ShmGet it is.
+Observe = Callable[[str, float, str], None]
 
 
 def encode(kind: int, body: bytes) -> bytes:
@@ -76,10 +80,13 @@ def encode_error(exc: KVStoreError) -> bytes:
 class ShmChannel:
     """The daemon's side: a Unix-socket server started on first use."""
 
-    def __init__(self, authenticate: Authenticate, put: PutHandler, get: GetHandler) -> None:
+    def __init__(
+        self, authenticate: Authenticate, put: PutHandler, get: GetHandler, observe: Observe | None = None
+    ) -> None:
         self._authenticate = authenticate
         self._put = put
         self._get = get
+        self._observe = observe
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
@@ -157,6 +164,22 @@ class ShmChannel:
         return self._authenticate(seg_id, nonce).principal
 
     async def _request(self, kind: int, body: bytes, principal: Principal) -> bytes:
+        method = {KIND_PUT: "KVStore/ShmPut", KIND_GET: "KVStore/ShmGet"}.get(kind)
+        if self._observe is None or method is None:
+            return await self._serve_request(kind, body, principal)
+        t0 = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            reply = await self._serve_request(kind, body, principal)
+            code = "OK"
+            return reply
+        except KVStoreError as exc:
+            code = exc.status
+            raise
+        finally:
+            self._observe(method, time.perf_counter() - t0, code)
+
+    async def _serve_request(self, kind: int, body: bytes, principal: Principal) -> bytes:
         if kind == KIND_PUT:
             put = await self._put(_parse(pb.ShmPutRequest, body), principal)
             return put.SerializeToString()
