@@ -20,22 +20,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from kvstore.admin import recode as recoding
 from kvstore.chunk import Chunk
 from kvstore.errors import CodecError, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.metrics import Metrics, TierSnapshot
-from kvstore.server.auth import OPEN, Principal, TokenTable
-from kvstore.server.service import parse_key
+from kvstore.server.auth import Principal, TokenTable, principal_of
+from kvstore.server.service import lenient, parse_key
 from kvstore.server.shm import FailedPrecondition
 from kvstore.store import Evicted, TieredStore
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 DEFAULT_PAGE = 100
 MAX_PAGE = 10_000
@@ -53,13 +51,7 @@ class AdminService(apb_grpc.AdminServicer):
 
     # -- plumbing ------------------------------------------------------------
     def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        if self._tokens is None:
-            return OPEN
-        header = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-        return self._tokens.authenticate(header)
+        return principal_of(self._tokens, context.invocation_metadata())
 
     async def _run(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -342,19 +334,6 @@ def _namespace(text: str, field: str) -> Namespace:
         raise InvalidArgument(f"{field}: {exc}") from None
 
 
-def _lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:
-    """A request decoder that hands a malformed request to the handler, which
-    answers INVALID_ARGUMENT (raising inside grpc would answer UNKNOWN)."""
-
-    def decode(raw: bytes) -> M | InvalidArgument:
-        try:
-            return cls.FromString(raw)
-        except DecodeError as exc:
-            return InvalidArgument(f"malformed {cls.__name__}: {exc}")
-
-    return decode
-
-
 def admin_handlers(service: AdminService) -> Any:
     """The Admin service's gRPC handlers (a ``grpc.GenericRpcHandler``)."""
     methods = apb.DESCRIPTOR.services_by_name["Admin"].methods
@@ -364,7 +343,7 @@ def admin_handlers(service: AdminService) -> Any:
         rep: Any = getattr(apb, m.output_type.name)
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
             _checked(getattr(service, m.name)),
-            request_deserializer=_lenient(req),
+            request_deserializer=lenient(req),
             response_serializer=rep.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

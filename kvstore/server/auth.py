@@ -19,7 +19,7 @@ Tokens are compared in constant time, and stored only as their blake3 hash.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -111,3 +111,15 @@ class TokenTable:
             if hmac.compare_digest(known, digest):
                 return principal
         raise Unauthenticated("unknown token")
+
+
+def principal_of(tokens: TokenTable | None, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+    """Who sends a request with this gRPC ``metadata``: its bearer token's principal
+    (UNAUTHENTICATED without a valid one), or :data:`OPEN` when no tokens are configured."""
+    if tokens is None:
+        return OPEN
+    header = None
+    for key, value in metadata or ():
+        if key == "authorization":
+            header = value if isinstance(value, str) else value.decode("latin-1")
+    return tokens.authenticate(header)

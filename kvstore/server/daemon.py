@@ -15,10 +15,10 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -32,14 +32,13 @@ from kvstore.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from kvstore.server.admin import AdminService, admin_handlers
 from kvstore.server.auth import TokenTable
 from kvstore.server.limits import server_options
-from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService
+from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService, lenient
 from kvstore.store import TieredStore
 from kvstore.tiers import make_tier
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=Message)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
@@ -57,20 +56,6 @@ def channel_options(frame_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.lookahead_bytes", 64 << 20),
         ("grpc.so_reuseport", 0),
     ]
-
-
-def _lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:
-    """A request deserializer that hands a malformed request to the handler as
-    an error to answer with INVALID_ARGUMENT.  Raising inside grpc instead
-    would answer UNKNOWN and log a traceback for every bad request."""
-
-    def decode(raw: bytes) -> M | InvalidArgument:
-        try:
-            return cls.FromString(raw)
-        except DecodeError as exc:
-            return InvalidArgument(f"malformed {cls.__name__}: {exc}")
-
-    return decode
 
 
 def _unary(fn: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
@@ -95,7 +80,7 @@ def _get(service: KVStoreService) -> Callable[[Any, Any], AsyncIterator[Any]]:
 def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
     """The KVStore service's handlers, with fast data-frame (de)serialisers for
     Put and Get (see :mod:`kvstore.server.frames`); the wire format is unchanged.
-    Malformed requests are answered INVALID_ARGUMENT (see :func:`_lenient`)."""
+    Malformed requests are answered INVALID_ARGUMENT (see :func:`~kvstore.server.service.lenient`)."""
     unary: dict[str, tuple[type[Message], type[Message]]] = {
         "Lookup": (pb.LookupRequest, pb.LookupReply),
         "Exists": (pb.ExistsRequest, pb.ExistsReply),
@@ -107,7 +92,7 @@ def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
     }
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         name: grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(service, name)), request_deserializer=_lenient(req), response_serializer=rep.SerializeToString
+            _unary(getattr(service, name)), request_deserializer=lenient(req), response_serializer=rep.SerializeToString
         )
         for name, (req, rep) in unary.items()
     }
@@ -115,7 +100,7 @@ def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
         service.Put, request_deserializer=frames.decoder(pb.PutFrame), response_serializer=pb.PutReply.SerializeToString
     )
     handlers["Get"] = grpc.unary_stream_rpc_method_handler(
-        _get(service), request_deserializer=_lenient(pb.GetRequest), response_serializer=frames.encode
+        _get(service), request_deserializer=lenient(pb.GetRequest), response_serializer=frames.encode
     )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

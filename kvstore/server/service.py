@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError, Message
 
 from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.config import LimitsConfig
 from kvstore.errors import CapacityError, CorruptChunk, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
-from kvstore.server.auth import OPEN, Principal, TokenTable
+from kvstore.server.auth import Principal, TokenTable, principal_of
 from kvstore.server.buffers import BufferPool
 from kvstore.server.limits import Limits
 from kvstore.server.shm import SegmentTable
@@ -38,6 +39,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 MIN_FRAME = 64 << 10
 #: Largest data frame a Put may carry: the largest ``frame_bytes`` a client
@@ -131,13 +133,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     # -- plumbing ----------------------------------------------------------
     def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        if self._tokens is None:
-            return OPEN
-        header = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-        return self._tokens.authenticate(header)
+        return principal_of(self._tokens, context.invocation_metadata())
 
     async def _run(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
         self.requests += 1
@@ -437,3 +433,17 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 def _copy(dst: memoryview, src: memoryview) -> None:
     if dst.nbytes:
         torch.frombuffer(dst, dtype=torch.uint8).copy_(as_uint8_tensor(src))
+
+
+def lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:
+    """A request deserializer that hands a malformed request to the handler as
+    an error to answer with INVALID_ARGUMENT.  Raising inside grpc instead
+    would answer UNKNOWN and log a traceback for every bad request."""
+
+    def decode(raw: bytes) -> M | InvalidArgument:
+        try:
+            return cls.FromString(raw)
+        except DecodeError as exc:
+            return InvalidArgument(f"malformed {cls.__name__}: {exc}")
+
+    return decode
