@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,12 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from kvstore.blend import BlendConfig, CacheBlend, ClientSource
-from kvstore.client import Client
-from kvstore.client.payload import dtype_name
-from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kvstore.blend import BlendConfig, CacheBlend, ClientSource  # noqa: E402
+from kvstore.client import Client  # noqa: E402
+from kvstore.client.payload import dtype_name  # noqa: E402
+from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace  # noqa: E402
+from tests.support.daemon import DaemonProcess, cpu_only  # noqa: E402
 
 GEN_TOKENS = 32
 VARIANTS: list[tuple[str, float, tuple[int, ...]]] = [
@@ -55,38 +56,6 @@ VARIANTS: list[tuple[str, float, tuple[int, ...]]] = [
     ("CacheBlend 30%", 0.30, (1,)),
     ("CacheBlend 100%", 1.0, (1,)),  # sanity check of the decode loop: must agree 100 %
 ]
-
-
-class Daemon:
-    """A kvstore daemon in its own process on a free loopback port (one CPU tier)."""
-
-    def __init__(self, capacity: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="kvstore-blend-bench-"))
-        cfg = {"server": {"host": "127.0.0.1", "port": 0},
-               "tiers": [{"name": "cpu", "kind": "cpu", "capacity": capacity, "on_evict": "drop"}]}
-        (self.dir / "kvstore.yaml").write_text(yaml.safe_dump(cfg))
-        port_file = self.dir / "port"
-        self.log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.cli", "serve", "--config", str(self.dir / "kvstore.yaml"),
-             "--port-file", str(port_file)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"daemon did not start: {(self.dir / 'daemon.log').read_text()}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(port_file.read_text())}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def keys_for(model: Any, name: str) -> KeyBuilder:
@@ -288,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads"}
-    daemon = Daemon("4GiB")
+    daemon = DaemonProcess(Path(tempfile.mkdtemp(prefix="kvstore-blend-bench-")), cpu_only("4GiB")).start()
     try:
         with Client(daemon.address) as client:
             if args.random_llama_1b:

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kvstore.server.limits import resident_bytes
+
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
 WEIGHTS = [30, 25, 25, 15, 5]
@@ -47,15 +49,6 @@ def value(size: int, v: int) -> bytes:
 
 def key_of(owner: str, i: int, size: int) -> str:
     return f"load/{owner}/0123456789abcdef/s{(i << 32 | size):064x}"
-
-
-def resident(pid: int) -> int:
-    total = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def start_daemon(work: Path, cpu: str, max_memory: str, streams: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -166,13 +159,13 @@ def run(clients: int = 8, duration: float = 15.0, cpu: str = "256MiB", max_memor
         proc, address = start_daemon(Path(tmp), cpu, max_memory, streams)
         try:
             ref = reference(address)
-            idle = resident(proc.pid)
+            idle = resident_bytes(proc.pid)
             peak, stop = idle, threading.Event()
 
             def sample() -> None:
                 nonlocal peak
                 while not stop.is_set():
-                    peak = max(peak, resident(proc.pid))
+                    peak = max(peak, resident_bytes(proc.pid))
                     time.sleep(0.02)
 
             sampler = threading.Thread(target=sample, daemon=True)

@@ -59,13 +59,13 @@ def server_options(options: list[tuple[str, Any]], config: LimitsConfig) -> list
     return [*kept, ("grpc.http2.lookahead_bytes", TRANSPORT_WINDOW), ("grpc.http2.bdp_probe", 0)]
 
 
-def resident_bytes() -> int:
-    """The process's own resident memory (RssAnon + RssFile), in bytes."""
+def resident_bytes(pid: int | None = None) -> int:
+    """Resident memory (RssAnon + RssFile), in bytes, of this process or of ``pid``."""
     try:
-        with open("/proc/self/status", "rb") as f:
+        with open(f"/proc/{'self' if pid is None else pid}/status", "rb") as f:
             text = f.read()
     except OSError:
-        return int(psutil.Process().memory_info().rss)
+        return int(psutil.Process(pid).memory_info().rss)
     total = 0
     for line in text.splitlines():
         if line.startswith((b"RssAnon:", b"RssFile:")):

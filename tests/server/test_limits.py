@@ -18,6 +18,7 @@ import pytest
 
 from kvstore.config import LimitsConfig, load
 from kvstore.errors import ConfigError
+from kvstore.server.limits import resident_bytes
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
@@ -52,16 +53,6 @@ class HeldPut:
     def release(self) -> pb.PutReply:
         self._go.set()
         return self.future.result()
-
-
-def resident(pid: int) -> int:
-    """RssAnon + RssFile of ``pid``: what the daemon's bound counts."""
-    total = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 # -- streams -------------------------------------------------------------------------------
@@ -102,7 +93,7 @@ def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
     probe = daemon_factory(cpu_only("32MiB"), name="probe")
     with own_channel(probe.address) as ch:
         raw_put(stub(ch), [(key(0), blob(0, MiB))])
-    idle = resident(probe.proc.pid)  # type: ignore[union-attr]
+    idle = resident_bytes(probe.proc.pid)  # type: ignore[union-attr]
     probe.stop()
     bound = idle + 96 * MiB
     d = daemon_factory(cpu_only("32MiB", limits={"max_memory": bound}), name="bounded")
@@ -113,7 +104,7 @@ def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, resident(pid))
+            peak = max(peak, resident_bytes(pid))
             time.sleep(0.002)
 
     outcomes: dict[str, int] = {"ok": 0, "refused": 0}
