@@ -77,6 +77,10 @@ def encode_error(exc: KVStoreError) -> bytes:
     return encode(KIND_ERROR, f"{exc.status}\n{exc}".encode())
 
 
+#: The gRPC method each request kind stands for, in the RPC metrics.
+_METHODS = {KIND_PUT: "KVStore/ShmPut", KIND_GET: "KVStore/ShmGet"}
+
+
 class ShmChannel:
     """The daemon's side: a Unix-socket server started on first use."""
 
@@ -164,7 +168,7 @@ class ShmChannel:
         return self._authenticate(seg_id, nonce).principal
 
     async def _request(self, kind: int, body: bytes, principal: Principal) -> bytes:
-        method = {KIND_PUT: "KVStore/ShmPut", KIND_GET: "KVStore/ShmGet"}.get(kind)
+        method = _METHODS.get(kind)
         if self._observe is None or method is None:
             return await self._serve_request(kind, body, principal)
         t0 = time.perf_counter()
