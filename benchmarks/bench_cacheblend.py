@@ -13,7 +13,8 @@ prefilled by full prefill (the reference), naive reuse (stored KV re-rotated, on
 tokens computed), CacheBlend at 5/15/30/100 % and prefix-only reuse (100 % is a check of
 the decode loop itself: it must agree everywhere).  Reported: KL(full || x) of the
 next-token distribution at the last prompt position; greedy agreement: the fraction of the
-first 32 greedily generated tokens equal to full prefill's at the same position, free-running
+first 32 greedily generated tokens (up to and including full prefill's end-of-turn token,
+where its answer ends) equal to full prefill's at the same position, free-running
 (each variant decodes from its own tokens, so one flip usually derails the rest) and
 teacher-forced (fed full prefill's tokens: the fraction of steps whose argmax agrees); and
 whether the first generated token agrees.  Per question it prints the reference's top-2
@@ -54,6 +55,8 @@ VARIANTS: list[tuple[str, float, tuple[int, ...]]] = [
     ("CacheBlend 5%", 0.05, (1,)),
     ("CacheBlend 15%", 0.15, (1,)),
     ("CacheBlend 30%", 0.30, (1,)),
+    ("CacheBlend 50%", 0.50, (1,)),
+    ("CacheBlend 70%", 0.70, (1,)),
     ("CacheBlend 100%", 1.0, (1,)),  # sanity check of the decode loop: must agree 100 %
 ]
 
@@ -89,6 +92,8 @@ def forced(model: Any, logits: torch.Tensor, cache: Any, ref: list[int]) -> floa
     when the cache is fed ``ref`` itself (one error does not derail the rest).  Leaves
     ``cache`` as it found it."""
     device = model.lm_head.weight.device
+    if len(ref) == 1:
+        return float(int(logits.argmax()) == ref[0])
     out = model(torch.tensor([ref[:-1]], device=device), past_key_values=cache, use_cache=True)
     cache.crop(-(len(ref) - 1))
     pred: list[int] = [int(logits.argmax()), *out.logits[0].argmax(-1).tolist()]
@@ -133,6 +138,10 @@ def quality(model: Any, tok: Any, client: Client, passages: int, use_anchor: boo
             out = model(torch.tensor([ids]), use_cache=True)
         ref_logits = out.logits[0, -1].float()
         ref_gen = greedy(model, ref_logits, out.past_key_values, GEN_TOKENS)
+        # The answer ends at the end-of-turn token: what the model would generate after it
+        # is not an answer, so agreement counts the reference's tokens up to and including it.
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        ref_gen = ref_gen[: ref_gen.index(eos) + 1] if eos in ref_gen else ref_gen
         runs = [(name, b, False) for name, b in blends.items()] + [("prefix-only reuse", any_blend, True)]
         p = torch.softmax(ref_logits, -1).topk(2).values.tolist()
         print(f"  q{rag.QUESTIONS.index(trial.question)} ({len(ids)} tokens, top-2 p {p[0]:.2f}/{p[1]:.2f}): "
@@ -140,8 +149,8 @@ def quality(model: Any, tok: Any, client: Client, passages: int, use_anchor: boo
         for name, b, only_prefix in runs:
             res = b.prefill(ids, reuse_only_prefix=only_prefix)
             tf = forced(model, res.logits, res.cache, ref_gen)
-            gen = greedy(model, res.logits, res.cache, GEN_TOKENS)
-            agree = sum(a == g for a, g in zip(ref_gen, gen, strict=True)) / GEN_TOKENS
+            gen = greedy(model, res.logits, res.cache, len(ref_gen))
+            agree = sum(a == g for a, g in zip(ref_gen, gen, strict=True)) / len(ref_gen)
             first = float(gen[0] == ref_gen[0])
             rows[name].append((kl(ref_logits, res.logits), agree, tf, first))
             print(f"    {name}: KL {rows[name][-1][0]:.4f}, first divergence at token {first_divergence(ref_gen, gen)}, "
