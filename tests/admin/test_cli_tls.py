@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("cryptography")
 
 from kvstore.cli import main  # noqa: E402
-from tests.admin.pki import SERVER_NAME, Pki, make_pki  # noqa: E402
+from tests.support.pki import SERVER_NAME, Pki, make_pki  # noqa: E402
 from tests.support.daemon import DaemonProcess, cpu_only  # noqa: E402
 
 

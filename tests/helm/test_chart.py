@@ -169,7 +169,7 @@ def test_tls_probe_checks_a_real_daemon(rendered: dict[str, Any], tmp_path: Path
     """The exec probe the chart uses under TLS passes against a serving TLS
     daemon and fails once it is gone."""
     pytest.importorskip("cryptography")
-    from tests.admin.pki import SERVER_NAME, make_pki
+    from tests.support.pki import SERVER_NAME, make_pki
     from tests.support.daemon import DaemonProcess, cpu_only
 
     sets = ["tls.enabled=true", "tls.existingSecret=kvstore-tls", f"tls.mutual={str(mutual).lower()}",

@@ -9,7 +9,6 @@ certificates are generated here with the ``cryptography`` package.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from tests.server import SERVING, MiB, bearer, blob, channel, exists, health, ke
 from tests.support.daemon import DaemonProcess, cpu_only
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
+
+from tests.support.pki import cert, new_key, write_cert, write_key  # noqa: E402
 
 A_RW = "tenant-a-readwrite-token"
 A_READ = "tenant-a-read-only-token"
@@ -245,70 +244,29 @@ class Pki:
     rogue_key: Path
 
 
-def _write_key(path: Path, k: ec.EllipticCurvePrivateKey) -> Path:
-    path.write_bytes(
-        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return path
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _cert(
-    subject: str,
-    key_: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-    client: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key_.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if not ca:
-        usage = x509.ExtendedKeyUsageOID.CLIENT_AUTH if client else x509.ExtendedKeyUsageOID.SERVER_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    signer = issuer[1] if issuer else key_
-    return builder.sign(signer, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    gen = lambda: ec.generate_private_key(ec.SECP256R1())  # noqa: E731
-    ca_key, rogue_key = gen(), gen()
-    ca = _cert("kvstore test CA", ca_key, None, ca=True)
-    rogue = _cert("rogue CA", rogue_key, None, ca=True)
-    srv_key, named_key, cli_key, rcli_key = gen(), gen(), gen(), gen()
+    server, client = [ExtendedKeyUsageOID.SERVER_AUTH], [ExtendedKeyUsageOID.CLIENT_AUTH]
+    ca_key, rogue_key = new_key(), new_key()
+    ca = cert("kvstore test CA", ca_key)
+    rogue = cert("rogue CA", rogue_key)
+    srv_key, named_key, cli_key, rcli_key = new_key(), new_key(), new_key(), new_key()
     local = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
     return Pki(
-        ca=_write_cert(d / "ca.pem", ca),
-        server_cert=_write_cert(d / "server.pem", _cert("localhost", srv_key, (ca, ca_key), sans=local)),
-        server_key=_write_key(d / "server.key", srv_key),
-        named_cert=_write_cert(
-            d / "named.pem", _cert("kvstore.test", named_key, (ca, ca_key), sans=[x509.DNSName("kvstore.test")])
+        ca=write_cert(d / "ca.pem", ca),
+        server_cert=write_cert(d / "server.pem", cert("localhost", srv_key, (ca, ca_key), usages=server, sans=local)),
+        server_key=write_key(d / "server.key", srv_key),
+        named_cert=write_cert(
+            d / "named.pem",
+            cert("kvstore.test", named_key, (ca, ca_key), usages=server, sans=[x509.DNSName("kvstore.test")]),
         ),
-        named_key=_write_key(d / "named.key", named_key),
-        client_cert=_write_cert(d / "client.pem", _cert("client", cli_key, (ca, ca_key), client=True)),
-        client_key=_write_key(d / "client.key", cli_key),
-        rogue_ca=_write_cert(d / "rogue-ca.pem", rogue),
-        rogue_cert=_write_cert(d / "rogue.pem", _cert("client", rcli_key, (rogue, rogue_key), client=True)),
-        rogue_key=_write_key(d / "rogue.key", rcli_key),
+        named_key=write_key(d / "named.key", named_key),
+        client_cert=write_cert(d / "client.pem", cert("client", cli_key, (ca, ca_key), usages=client)),
+        client_key=write_key(d / "client.key", cli_key),
+        rogue_ca=write_cert(d / "rogue-ca.pem", rogue),
+        rogue_cert=write_cert(d / "rogue.pem", cert("client", rcli_key, (rogue, rogue_key), usages=client)),
+        rogue_key=write_key(d / "rogue.key", rcli_key),
     )
 
 
