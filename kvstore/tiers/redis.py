@@ -13,13 +13,18 @@ The parts of the tier, one module each:
   :class:`RedisTierConfig`;
 * :mod:`kvstore.tiers.redis_layout`: key names and the :class:`Manifest`;
 * :mod:`kvstore.tiers.redis_parts`: receiving parts straight into one buffer;
+* :mod:`kvstore.tiers.redis_writes`: sending parts without copying them, and
+  the order of a put's commands;
 * this module: the tier (put, get, presence, delete, faults).
 
 Writes
     The manifest is written *last*, so a reader that finds it finds a whole
-    write: on one server parts and manifest go in one MULTI/EXEC (atomic, one
-    round trip); on a cluster the manifest follows once every node has
-    acknowledged its parts.
+    write: on one node (a server, or a cluster chunk kept together) parts and
+    manifest go in one pipeline and a script writes the manifest only if all
+    its parts are there; on a cluster with spread parts the manifest follows
+    once every node has acknowledged its parts.  The parts go through the
+    :class:`~kvstore.tiers.redis_writes.PartWriter` (one connection per node,
+    nodes in parallel, no copy), or through redis-py when it cannot serve.
 
 Reads
     The manifest through redis-py, then the parts it names through the
@@ -68,6 +73,7 @@ from kvstore.tiers.breaker import CircuitBreaker
 from kvstore.tiers.redis_config import RedisEndpoint, RedisTierConfig, parse_url, redact
 from kvstore.tiers.redis_layout import DISCARD_LUA, HEAD_SIZE, Manifest, manifest_key, part_keys
 from kvstore.tiers.redis_parts import BufferPool, Fallback, PartReader, ReaderAuth
+from kvstore.tiers.redis_writes import Command, PartsWrite, PartWriter, Reply
 
 __all__ = ["RedisEndpoint", "RedisTier", "RedisTierConfig", "Manifest", "parse_url"]
 
@@ -101,21 +107,25 @@ class RedisTier(Tier):
         self.partial = 0
         #: Multi-part reads the part reader handed to redis-py (TLS not counted: it never tries).
         self.fallbacks = 0
+        #: Multi-part puts the part writer handed to redis-py (TLS not counted).
+        self.write_fallbacks = 0
         self._pool = BufferPool(config.buffer_pool_bytes)
         self._reader: PartReader | None = None
+        self._writer: PartWriter | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     async def open(self) -> None:
         """Create the client and try the server once; a server that is down is not fatal."""
         self._client = self._make_client()
         cfg, ep = self.config, self._endpoint
-        if not ep.tls:  # the part reader speaks plain TCP only; TLS reads go through redis-py
+        if not ep.tls:  # the part reader and writer speak plain TCP only; TLS goes through redis-py
             auth = ReaderAuth(
                 username=cfg.username if cfg.username is not None else ep.username,
                 password=cfg.password if cfg.password is not None else ep.password,
                 db=ep.db,
             )
             self._reader = PartReader(auth, connect_timeout_s=cfg.timeout_s, max_idle=cfg.max_connections)
+            self._writer = PartWriter(auth, connect_timeout_s=cfg.timeout_s, max_idle=cfg.max_connections)
         try:
             await self._call("connect", 0, self._client.ping)
         except RemoteUnavailable as exc:
@@ -177,6 +187,9 @@ class RedisTier(Tier):
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         if client is not None:
             await client.aclose()
 
@@ -238,15 +251,28 @@ class RedisTier(Tier):
         client = self._redis()
         return client.pipeline() if self._endpoint.cluster else client.pipeline(transaction=False)
 
+    def _node_of(self, key: str) -> tuple[str, int]:
+        """The node that holds ``key`` (the one server, or its cluster master)."""
+        if not self._endpoint.cluster:
+            return self._endpoint.nodes[0]
+        from redis.exceptions import RedisClusterException
+
+        try:
+            node = self._redis().get_node_from_key(key)
+        except RedisClusterException as exc:  # slot map not known yet
+            raise Fallback(str(exc)) from None
+        return (node.host, node.port)
+
     # -- put -------------------------------------------------------------------------
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
         """Write parts, then the manifest; raises :class:`RemoteUnavailable` on failure.
 
-        Never partly visible: on one server a put that fails midway leaves
-        nothing (MULTI/EXEC); on a cluster it may leave parts without a
-        manifest, invisible and gone when their TTL runs out.  As with any
-        network write, a put that timed out or was cancelled after its bytes
-        were on the wire may still land — whole.
+        Never partly visible: the manifest is written only once all its parts
+        are stored (see :mod:`kvstore.tiers.redis_writes`).  A put that fails
+        midway may leave parts without a manifest: invisible, and gone when
+        their TTL runs out.  As with any network write, a put that timed out
+        or was cancelled after its bytes were on the wire may still land —
+        whole.
         """
         client = self._redis()
         meta = chunk.meta
@@ -265,51 +291,80 @@ class RedisTier(Tier):
         )
         header = manifest.encode()
         mkey = self.manifest_key(key)
-        ttl = {"px": self._ttl_ms} if self._ttl_ms else {}
-        payload = chunk.payload
-
-        async def write() -> Any:
-            if inline:
-                return await client.set(mkey, header + bytes(payload), get=True, **ttl)
-            # Parts outlive the manifest by this put's whole time budget.
-            part_ttl = {"px": self._ttl_ms + int(self.config.budget(n) * 1000) + 1000} if self._ttl_ms else {}
+        payload = chunk.payload.cast("B")  # byte offsets, whatever the caller's view
+        if inline:
+            ttl = {"px": self._ttl_ms} if self._ttl_ms else {}
+            old = await self._call("put", n, lambda: client.set(mkey, header + bytes(payload), get=True, **ttl))
+        else:
             parts = zip(self.part_keys(key, manifest), range(0, n, part), strict=True)
-            if manifest.together:
-                # Cluster, parts hash-tagged with their manifest: one node, one
-                # connection, one round trip; the node runs the commands in
-                # order, so the manifest is written after its parts.  (redis-py's
-                # cluster MULTI/EXEC took 1.4x as long here.)  Should a part be
-                # refused and the manifest not, readers find a part missing: a
-                # miss, never a partial chunk.
-                pipe = client.pipeline()
-                for pkey, off in parts:
-                    pipe.set(pkey, payload[off : off + part], **part_ttl)
-                pipe.set(mkey, header, get=True, **ttl)
-                return (await pipe.execute())[-1]
-            if not self._endpoint.cluster:
-                # One server: parts and manifest (last) in one MULTI/EXEC, so
-                # the write is atomic and costs one round trip.  Redis refuses
-                # the whole transaction if any command is refused when queued
-                # (e.g. OOM under noeviction).
-                pipe = client.pipeline(transaction=True)
-                for pkey, off in parts:
-                    pipe.set(pkey, payload[off : off + part], **part_ttl)
-                pipe.set(mkey, header, get=True, **ttl)
-                return (await pipe.execute())[-1]
-            # Cluster, parts spread: they go to their nodes in parallel (one
-            # pipeline per node); only once every node has acknowledged them
-            # does the manifest make the write visible.
-            pipe = client.pipeline()
-            for pkey, off in parts:
-                pipe.set(pkey, payload[off : off + part], **part_ttl)
-            await pipe.execute()
-            return await client.set(mkey, header, get=True, **ttl)
-
-        old = await self._call("put", n, write)
+            write = PartsWrite(
+                manifest_key=mkey,
+                manifest=header,
+                parts=[(pkey, payload[off : off + part]) for pkey, off in parts],
+                ttl_ms=self._ttl_ms,
+                # Parts outlive the manifest by this put's whole time budget.
+                part_ttl_ms=self._ttl_ms + int(self.config.budget(n) * 1000) + 1000 if self._ttl_ms else 0,
+                one_node=not self._endpoint.cluster or manifest.together,
+            )
+            old = await self._write_parts(write, n)
         self.counters.puts += 1
         self.counters.bytes_written += n
         if old is not None:
             await self._drop_old_parts(key, old, manifest.nonce)
+
+    async def _write_parts(self, write: PartsWrite, n: int) -> bytes | None:
+        """Parts, then the manifest; returns the manifest it replaced (None if none)."""
+        if self._writer is not None:
+            try:
+                return await self._call("put", n, lambda: self._write_direct(write))
+            except Fallback as exc:
+                self.write_fallbacks += 1
+                log.debug("%s: part writer: %s; writing through redis-py", self.breaker.name, exc)
+        return await self._call("put", n, lambda: self._write_redis_py(write))
+
+    async def _write_direct(self, write: PartsWrite) -> bytes | None:
+        """Through the part writer: one connection per node, nodes in parallel."""
+        assert self._writer is not None
+        home = self._node_of(write.manifest_key)
+        if write.one_node:
+            # One node runs one connection's commands in order: the manifest
+            # script runs after every part's SET, in the same round trip.
+            batches: dict[tuple[str, int], list[Command]] = {
+                home: [*(write.part_command(k, v) for k, v in write.parts), write.manifest_command()]
+            }
+        else:
+            spread: dict[tuple[str, int], list[Command]] = {}
+            for k, v in write.parts:
+                spread.setdefault(self._node_of(k), []).append(write.part_command(k, v))
+            await self._direct(spread)  # every node has acknowledged its parts ...
+            batches = {home: [write.manifest_command()]}  # ... before the manifest is sent
+        old = (await self._direct(batches))[home][-1]
+        return old if isinstance(old, bytes) else None
+
+    async def _direct(self, batches: dict[tuple[str, int], list[Command]]) -> dict[tuple[str, int], list[Reply]]:
+        assert self._writer is not None
+        try:
+            return await self._writer.write(batches)
+        except ConnectionError as exc:
+            # redis-py decides: it retries, follows a failover, and reports a
+            # server that is really down (to the breaker, once).
+            raise Fallback(f"connection failed: {exc}") from None
+
+    async def _write_redis_py(self, write: PartsWrite) -> bytes | None:
+        """The same commands through redis-py (TLS, redirections, errors)."""
+        client = self._redis()
+        pipe = self._pipeline()
+        for k, v in write.parts:
+            pipe.execute_command(*write.part_command(k, v))
+        if write.one_node:
+            # One node, in order (on a cluster: hash-tagged, one connection).
+            pipe.execute_command(*write.manifest_command())
+            old = (await pipe.execute())[-1]
+        else:
+            # Spread: one pipeline per node, in parallel; the manifest after all.
+            await pipe.execute()
+            old = await client.execute_command(*write.manifest_command())
+        return old if isinstance(old, bytes) else None
 
     async def _drop_old_parts(self, key: ChunkKey, old: bytes, new_nonce: bytes) -> None:
         """Delete the parts of the manifest a put replaced (they would only wait for their TTL)."""
@@ -427,16 +482,10 @@ class RedisTier(Tier):
         batches: dict[tuple[str, int], list[tuple[str, memoryview]]] = {}
         order: list[tuple[tuple[str, int], int]] = []
         if self._endpoint.cluster:
-            from redis.exceptions import RedisClusterException
-
-            client = self._redis()
             for k, slot in zip(keys, slots, strict=True):
-                try:
-                    node = client.get_node_from_key(k)
-                except RedisClusterException as exc:  # slot map not known yet
-                    raise Fallback(str(exc)) from None
-                batch = batches.setdefault((node.host, node.port), [])
-                order.append(((node.host, node.port), len(batch)))
+                owner = self._node_of(k)
+                batch = batches.setdefault(owner, [])
+                order.append((owner, len(batch)))
                 batch.append((k, slot))
         else:
             node = self._endpoint.nodes[0]
