@@ -87,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kvstore.server.daemon import Daemon
+    from kvstore.server.malloc import tune_for_streaming
+
+    tune_for_streaming()  # process-wide, so here and not in Daemon (see its module)
 
     async def run() -> None:
         daemon = Daemon(cfg)

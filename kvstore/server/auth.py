@@ -13,6 +13,11 @@ may do all that for *every* tenant and use the admin service.  Other roles
 act only on keys whose tenant is their own.  Without a token file the daemon
 runs open: every request acts as an admin of the tenant named in its keys.
 
+An admin entry names no tenant: its reach is every tenant, and a file that
+gives one a tenant (which reads as "admin of that tenant" but would act on
+all of them) is refused when loaded.  A tenant's own operator gets a
+``readwrite`` token of that tenant.
+
 Tokens are compared in constant time, and stored only as their blake3 hash.
 """
 
@@ -27,7 +32,7 @@ from typing import Literal
 import blake3
 import yaml
 
-from kvstore.errors import ConfigError, PermissionDenied, Unauthenticated
+from kvstore.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 from kvstore.keys import ChunkKey, Namespace
 
 Role = Literal["read", "readwrite", "admin"]
@@ -36,8 +41,14 @@ ROLES: tuple[Role, ...] = ("read", "readwrite", "admin")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    tenant: str | None  # None: open daemon, acts for any tenant
+    tenant: str | None  # None: an admin, or the open daemon: acts for any tenant
     role: Role
+
+    def __post_init__(self) -> None:
+        if self.role == "admin" and self.tenant is not None:
+            raise ValueError(f"an admin acts on every tenant; it cannot be scoped to tenant {self.tenant!r}")
+        if self.role != "admin" and self.tenant is None:
+            raise ValueError(f"a {self.role!r} principal needs a tenant")
 
     def can_write(self) -> bool:
         return self.role in ("readwrite", "admin")
@@ -91,10 +102,20 @@ class TokenTable:
                 raise ConfigError(f"{where}.token must be a string of at least 16 characters")
             if role not in ROLES:
                 raise ConfigError(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
-            if role != "admin" or tenant is not None:
+            if role == "admin":
+                if tenant is not None:
+                    raise ConfigError(
+                        f"{where}.tenant: an admin token acts on every tenant and on the admin service, "
+                        f"so it cannot be limited to tenant {tenant!r}; remove 'tenant' from this entry for "
+                        f"an admin, or give it role readwrite (or read) for a token of tenant {tenant!r} only"
+                    )
+            else:
                 if not isinstance(tenant, str):
                     raise ConfigError(f"{where}.tenant must be a tenant name")
-                Namespace(tenant, "m")  # validates the tenant's spelling
+                try:
+                    Namespace(tenant, "m")  # validates the tenant's spelling
+                except InvalidArgument as exc:
+                    raise ConfigError(f"{where}.tenant: {exc}") from None
             entries.append((token, Principal(tenant=tenant, role=role)))
         if len({t for t, _ in entries}) != len(entries):
             raise ConfigError("server.token_file: tokens must be unique")

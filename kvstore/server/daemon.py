@@ -140,7 +140,8 @@ class Daemon:
     async def start(self) -> int:
         """Open the store and serve; returns the bound port."""
         await self.store.open()
-        options = server_options(channel_options(self.cfg.server.frame_bytes), self.cfg.server.limits)
+        frame = self.cfg.server.frame_bytes
+        options = server_options(channel_options(frame), self.cfg.server.limits, frame)
         server = grpc.aio.server(options=options, interceptors=[self.metrics.interceptor])
         server.add_generic_rpc_handlers((kvstore_handlers(self.service), admin_handlers(self.admin)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -183,7 +184,9 @@ class Daemon:
         if self._server is None:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(self.cfg.server.grace_s if grace is None else grace)
+        grace_s = self.cfg.server.grace_s if grace is None else grace
+        # Both doors close together; what either acknowledged is in the store before it closes (and flushes).
+        await asyncio.gather(self._server.stop(grace_s), self.service.drain(grace_s))
         self._server = None
         if self.metrics_server is not None:
             await self.metrics_server.close()

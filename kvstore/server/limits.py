@@ -10,10 +10,10 @@ state; the service calls it at the entry of its handlers:
   past it: one client must not starve the others), and at most
   ``max_concurrent_streams`` in all (a new stream waits up to
   ``stream_wait_s`` for a slot, then is refused);
-* :meth:`Limits.check_memory` before a put's receive buffer is taken: the
-  bytes being received plus the new chunk must stay under
-  ``max_inflight_bytes``, and the process's resident memory plus what is
-  still to arrive must stay under ``max_memory_bytes``;
+* :meth:`Limits.take_buffer` when a put's header arrives, for its receive
+  buffer: the buffers of puts being received must stay under
+  ``max_inflight_bytes``, and the daemon's resident memory must stay under
+  ``max_memory_bytes`` whatever arrives next (see "Memory accounting");
 * :meth:`Limits.make_room_for_tenant` before a chunk is admitted: a tenant
   with a quota evicts its own chunks (all its models together) to make room,
   and is refused only when what is left is pinned.
@@ -23,6 +23,35 @@ and file-backed (``RssAnon + RssFile`` in ``/proc/self/status``).
 Shared-memory segments that clients create and the daemon maps are left
 out: they belong to the client (the kernel charges a shared page to the
 cgroup that first touched it, the client, which writes it first).
+
+Memory accounting
+-----------------
+A put, and a new Put stream, are admitted only if resident memory stays
+under the bound even when everything already admitted grows to its worst
+case.  The daemon charges:
+
+* ``resident``: the kernel's figure, read at most every
+  :data:`RSS_REFRESH_S` (on the event loop, where receive buffers are
+  written); the pages written into receive buffers since that reading, and
+  the allowances of streams closed since (their memory may sit in the heap),
+  are charged on top until the next one;
+* each receive buffer in use, for what it may still make resident: the
+  pages of its put not yet written, less those it already had from an
+  earlier put (buffers.py);
+* every open Put or Get stream, from the moment its handler starts (before
+  a header is read, and while it waits for a stream slot), for what the
+  gRPC transport may hold for it: the HTTP/2 receive window
+  (:data:`STREAM_WINDOW`, which the daemon sets when bounded) plus twice
+  the largest message it accepts (gRPC core assembles a message, the Python
+  layer copies it into a ``bytes``);
+* a fixed :data:`SAFETY_MARGIN` for what is not counted one by one: Python
+  objects of requests, unary requests (at most one message each), streams
+  the transport has opened but whose handler has not started yet (a window
+  each, for a moment), allocator slack.
+
+Idle pooled buffers are part of ``resident``; before refusing a put the
+daemon hands them back to the kernel (``munmap``), then freed heap memory
+(``malloc_trim``, at most every :data:`TRIM_EVERY_S`), and measures again.
 """
 
 from __future__ import annotations
@@ -30,33 +59,69 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
+
 import psutil
 
-from kvstore.config import LimitsConfig
+from kvstore.config import LimitsConfig, format_size
 from kvstore.errors import CapacityError, QuotaExceeded
 from kvstore.keys import ChunkKey, Namespace
+from kvstore.server.buffers import BufferPool, RecvBuffer
 from kvstore.store import TieredStore
 
 #: Resident memory is read at most this often (reading /proc costs ~20 us).
 RSS_REFRESH_S = 0.005
-#: Per-stream read-ahead of the gRPC transport when a memory bound is set.  A
-#: client pushes a put's frames before the daemon has read its header, so each
-#: open stream may hold this much in the transport whatever the daemon decides;
-#: the bound counts it for every stream open.
-TRANSPORT_WINDOW = 4 << 20
+#: HTTP/2 receive window per stream when a memory bound is set (HTTP/2's
+#: default): what a client may push on a stream before the daemon asks for a
+#: message.  A stream that waits for a slot, or that is refused, holds no more
+#: than this in the transport; one being read opens the window by the message
+#: it asks for (gRPC does this).  A flood of 32 clients retrying refused
+#: 24 MiB puts took resident memory 12 MiB past the bound with a 2 MiB window
+#: (each refused stream held 2 MiB until it closed), none with this one.  Put
+#: throughput of one client was the same with 64 KiB, 256 KiB and 2 MiB
+#: windows (24 MiB chunks, 1 MiB frames, loopback).
+STREAM_WINDOW = 64 << 10
+#: Largest message (data frame) accepted when a memory bound is set is
+#: ``max(server.frame_bytes, BOUNDED_MIN_MESSAGE)`` plus this, for the framing.
+MESSAGE_SLACK = 64 << 10
+#: Floor of that largest message: the kvstore clients' default put frame, and
+#: room for a Lookup of some 11,000 keys.
+BOUNDED_MIN_MESSAGE = 1 << 20
+#: Part of the bound kept free for what is not counted one by one (see above).
+SAFETY_MARGIN = 16 << 20
+#: Freed heap memory is handed back to the kernel at most this often.
+TRIM_EVERY_S = 0.02
 
 
-def server_options(options: list[tuple[str, Any]], config: LimitsConfig) -> list[tuple[str, Any]]:
-    """The daemon's gRPC options, with the transport's read-ahead capped when
-    ``config`` bounds memory (the default 64 MiB per stream would let a few
-    hundred streams take gigabytes before any handler runs)."""
+def bounded_message_bytes(frame_bytes: int) -> int:
+    """Largest message a daemon with a memory bound accepts."""
+    return max(frame_bytes, BOUNDED_MIN_MESSAGE) + MESSAGE_SLACK
+
+
+def stream_allowance(frame_bytes: int) -> int:
+    """Bytes charged for each open stream of a daemon with a memory bound."""
+    return STREAM_WINDOW + 2 * bounded_message_bytes(frame_bytes)
+
+
+def server_options(options: list[tuple[str, Any]], config: LimitsConfig, frame_bytes: int) -> list[tuple[str, Any]]:
+    """The daemon's gRPC options; when ``config`` bounds memory, with the
+    transport's receive window fixed at :data:`STREAM_WINDOW` (no BDP probing,
+    which grows it) and messages capped at :func:`bounded_message_bytes`, so
+    that what an open stream may hold in the transport is known."""
     if not config.max_memory_bytes:
         return options
-    kept = [(k, v) for k, v in options if k not in ("grpc.http2.lookahead_bytes", "grpc.http2.bdp_probe")]
-    return [*kept, ("grpc.http2.lookahead_bytes", TRANSPORT_WINDOW), ("grpc.http2.bdp_probe", 0)]
+    capped = {"grpc.http2.lookahead_bytes", "grpc.http2.bdp_probe", "grpc.max_receive_message_length"}
+    kept = [(k, v) for k, v in options if k not in capped]
+    return [
+        *kept,
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.max_receive_message_length", bounded_message_bytes(frame_bytes)),
+    ]
 
 
 def resident_bytes(pid: int | None = None) -> int:
@@ -73,27 +138,56 @@ def resident_bytes(pid: int | None = None) -> int:
     return total
 
 
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the kernel (glibc keeps it otherwise)."""
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+@functools.cache
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (finding libc runs a subprocess)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return
+        return None
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        fn = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
+        return None  # not glibc: nothing to trim
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast(Callable[[int], int], fn)
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the kernel, wherever it is in the heap (glibc keeps it otherwise)."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Limits:
     """Daemon-wide limit state; see the module docstring."""
 
-    def __init__(self, config: LimitsConfig, store: TieredStore, *, max_concurrent_streams: int = 256) -> None:
+    def __init__(
+        self,
+        config: LimitsConfig,
+        store: TieredStore,
+        *,
+        max_concurrent_streams: int = 256,
+        frame_bytes: int = 4 << 20,
+        buffers: BufferPool | None = None,
+    ) -> None:
         self.config = config
         self._store = store
         self._max_streams = max_concurrent_streams
         self._slots = asyncio.Semaphore(max_concurrent_streams)
         self._per_client: Counter[str] = Counter()
         self._quotas = dict(config.tenant_quotas)
+        #: Receive buffers of puts (pooled; idle ones are handed back under pressure).
+        self.buffers = buffers if buffers is not None else BufferPool()
+        #: Charged for each open stream when memory is bounded (see the module docstring).
+        self.stream_allowance = stream_allowance(frame_bytes)
+        self._inflight = 0  # bytes of receive buffers in use
+        self._growth = 0  # what those buffers may still make resident
+        self._unseen = 0  # what they made resident since resident memory was last read
         self._rss = 0
         self._rss_at = -1.0
         self._trimmed_at = -1.0
@@ -106,9 +200,13 @@ class Limits:
         """Streams open now."""
         return sum(self._per_client.values())
 
-    async def stream(self, client: str) -> _StreamSlot:
-        """A slot for one stream of ``client`` (its connection); release it with ``with``."""
+    async def stream(self, client: str, *, put: bool = False) -> _StreamSlot:
+        """A slot for one stream of ``client`` (its connection); release it with ``with``.
+        A Put stream is refused at once when its transport allowance would not fit
+        under the memory bound (a Get stream is counted, never refused for memory)."""
         cfg = self.config
+        if put and cfg.max_memory_bytes:
+            self._check_memory(self.stream_allowance, what="a new Put stream")
         if self._per_client[client] >= cfg.max_streams_per_client:
             self.refused["client_streams"] += 1
             raise CapacityError(
@@ -133,6 +231,10 @@ class Limits:
         return _StreamSlot(self, client)
 
     def _release_client(self, client: str) -> None:
+        if self.config.max_memory_bytes:
+            # What the stream's transport held may stay resident (freed to the heap, not
+            # to the kernel): still charged until the next reading shows what is left.
+            self._unseen += self.stream_allowance
         self._per_client[client] -= 1
         if self._per_client[client] <= 0:
             del self._per_client[client]
@@ -142,42 +244,95 @@ class Limits:
         self._release_client(client)
 
     # -- memory ------------------------------------------------------------------
-    def resident(self) -> int:
+    @property
+    def inflight(self) -> int:
+        """Bytes of receive buffers in use by puts being received."""
+        return self._inflight
+
+    def resident(self, *, fresh: bool = False) -> int:
+        """Resident memory, read at most every RSS_REFRESH_S unless ``fresh``."""
         now = time.monotonic()
-        if now - self._rss_at > RSS_REFRESH_S:
-            self._rss, self._rss_at = resident_bytes(), now
+        if fresh or now - self._rss_at > RSS_REFRESH_S:
+            # Read on the event loop, where buffers are filled: every byte written
+            # into them before this point is in the figure.
+            self._rss, self._rss_at, self._unseen = resident_bytes(), now, 0
         return self._rss
 
-    def check_memory(self, n: int, inflight: int) -> None:
-        """Refuse a put of ``n`` bytes when ``inflight`` bytes are being received already
-        and either bound would be passed.  Counts ``inflight`` as not yet resident,
-        which may refuse early under load but never lets the bound be passed."""
+    def committed(self) -> int:
+        """Resident memory plus what everything admitted may still add (module docstring)."""
+        return (
+            self.resident() + self._unseen + self._growth + self.streams * self.stream_allowance + SAFETY_MARGIN
+        )
+
+    def take_buffer(self, n: int) -> RecvBuffer:
+        """A receive buffer for a put of ``n`` bytes, or CapacityError (RESOURCE_EXHAUSTED)
+        when it would pass ``max_inflight_bytes`` or could take resident memory past
+        ``max_memory_bytes``.  Give it back with :meth:`give_buffer` exactly once."""
         cfg = self.config
-        if inflight + n > cfg.max_inflight_bytes:
+        size = self.buffers.size_class(n)
+        if self._inflight + size > cfg.max_inflight_bytes:
             self.refused["inflight"] += 1
             raise CapacityError(
-                f"the daemon is receiving {inflight} bytes already and may buffer at most "
+                f"the daemon is receiving {self._inflight} bytes already and may buffer at most "
                 f"{cfg.max_inflight_bytes} (server.limits.max_inflight); retry later or use smaller chunks"
             )
-        bound = cfg.max_memory_bytes
-        if not bound:
+        buf = self.buffers.take(n)
+        if cfg.max_memory_bytes:
+            try:
+                self._check_memory(buf.growth, what=f"a put of {n} bytes")
+            except CapacityError:
+                self.buffers.give(buf)
+                raise
+        self._inflight += buf.size
+        self._growth += buf.growth
+        return buf
+
+    def wrote(self, buf: RecvBuffer, end: int) -> None:
+        """Bytes ``[0, end)`` of ``buf`` are written: what that made resident is
+        charged as such until the next reading of resident memory, not twice."""
+        used = buf.advance(end)
+        self._growth -= used
+        self._unseen += used
+        if self.config.max_memory_bytes and time.monotonic() - self._rss_at > RSS_REFRESH_S:
+            self._relieve()
+
+    def give_buffer(self, buf: RecvBuffer, written: int) -> None:
+        """Release a buffer from :meth:`take_buffer` after ``written`` bytes went into it."""
+        self.wrote(buf, written)
+        self._inflight -= buf.size
+        self._growth -= buf.growth
+        self.buffers.give(buf)
+
+    def _relieve(self, growth: int = 0) -> bool:
+        """Whether ``growth`` more bytes fit under the bound; when they do not, first
+        hand idle buffers and freed heap memory back to the kernel and measure again.
+        Also run while puts are being received (every RSS_REFRESH_S), since memory
+        freed to the heap (gRPC's frames, allocator fragmentation) stays resident
+        but is free for the taking."""
+        bound = self.config.max_memory_bytes
+        if self.committed() + growth <= bound:
+            return True
+        self.buffers.trim()
+        now = time.monotonic()
+        if now - self._trimmed_at > TRIM_EVERY_S:
+            self._trimmed_at = now
+            _malloc_trim()
+        self.resident(fresh=True)
+        return self.committed() + growth <= bound
+
+    def _check_memory(self, growth: int, *, what: str) -> None:
+        """Refuse ``what`` unless ``growth`` more bytes fit under the bound with all else committed."""
+        if self._relieve(growth):
             return
-        transport = self.streams * TRANSPORT_WINDOW
-        if self.resident() + inflight + n + transport > bound:
-            now = time.monotonic()
-            if now - self._trimmed_at > 1.0:
-                # Freed buffers may still be counted: give them back, measure again.
-                self._trimmed_at = now
-                _malloc_trim()
-                self._rss, self._rss_at = resident_bytes(), now
-            rss = self._rss
-            if rss + inflight + n + transport > bound:
-                self.refused["memory"] += 1
-                raise CapacityError(
-                    f"a put of {n} bytes would take the daemon past its memory bound "
-                    f"(server.limits.max_memory {bound}: {rss} resident, {inflight} being received, "
-                    f"{self.streams} streams open); retry later"
-                )
+        bound, rss = self.config.max_memory_bytes, self._rss
+        self.refused["memory"] += 1
+        raise CapacityError(
+            f"{what} could take the daemon past its memory bound "
+            f"(server.limits.max_memory = {format_size(bound)}): {_mib(rss)} resident, "
+            f"{_mib(self._growth)} more to come for puts being received, {self.streams} streams open "
+            f"at {_mib(self.stream_allowance)} each, {_mib(SAFETY_MARGIN)} margin; "
+            "retry later, or raise server.limits.max_memory"
+        )
 
     # -- tenant quotas ---------------------------------------------------------------
     def tenant_quota(self, tenant: str) -> int | None:

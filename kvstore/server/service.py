@@ -28,7 +28,7 @@ from kvstore.errors import CapacityError, CorruptChunk, InvalidArgument, KVStore
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal, TokenTable, principal_of
-from kvstore.server.buffers import BufferPool
+from kvstore.server.buffers import RecvBuffer
 from kvstore.server.limits import Limits
 from kvstore.server.shm import SegmentTable
 from kvstore.server.shm_channel import ShmChannel
@@ -113,16 +113,17 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
         self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
-        # Receive buffers of puts in flight are bounded, so a flood of puts
-        # gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
-        self._inflight = 0
-        self._buffers = BufferPool()
         if limits is None:
             limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
-        self._max_inflight = limits.max_inflight_bytes
-        #: Stream slots, memory bound and tenant quotas (kvstore/server/limits.py).
-        self.limits = Limits(limits, store, max_concurrent_streams=max_concurrent_streams)
+        #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py):
+        #: a flood of puts gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
+        self.limits = Limits(limits, store, max_concurrent_streams=max_concurrent_streams, frame_bytes=frame_bytes)
         self.requests = 0
+
+    async def drain(self, timeout_s: float | None) -> None:
+        """Let the shared-memory requests being served finish and refuse new ones (see ShmChannel.drain)."""
+        if self._shm_channel is not None:
+            await self._shm_channel.drain(timeout_s)
 
     def close(self) -> None:
         if self._shm_channel is not None:
@@ -163,17 +164,13 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 f"{where}: chunk of {meta.nbytes} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
             )
 
-    def _reserve(self, n: int) -> None:
-        self.limits.check_memory(n, self._inflight)
-        self._inflight += n
-
     # -- Put -----------------------------------------------------------------
     async def Put(
         self, request_iterator: AsyncIterator[pb.PutFrame | memoryview], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PutReply:
         async def run() -> pb.PutReply:
             principal = self._principal(context)
-            with await self.limits.stream(context.peer()):
+            with await self.limits.stream(context.peer(), put=True):
                 return await self._put_stream(request_iterator, principal)
 
         return await self._run(context, run)
@@ -188,7 +185,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         key: ChunkKey | None = None
         meta: ChunkMeta | None = None
         durable = False
-        buf: bytearray | None = None
+        buf: RecvBuffer | None = None  # set together with meta, released exactly once
         filled = 0
         started = 0.0  # when the current chunk's header arrived
         try:
@@ -211,12 +208,12 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                     principal.check_key(key, write=True)
                     if not header.HasField("meta"):
                         raise InvalidArgument(f"{where}: header has no meta")
-                    meta = meta_from_pb(header.meta, f"{where}.meta")
-                    self._check_meta(meta, where)
-                    await self.limits.make_room_for_tenant(key, meta.nbytes)
-                    self._reserve(meta.nbytes)
+                    new_meta = meta_from_pb(header.meta, f"{where}.meta")
+                    self._check_meta(new_meta, where)
+                    await self.limits.make_room_for_tenant(key, new_meta.nbytes)
+                    buf = self.limits.take_buffer(new_meta.nbytes)  # or RESOURCE_EXHAUSTED, nothing taken
+                    meta = new_meta
                     durable = header.durable
-                    buf = self._buffers.take(meta.nbytes)
                     filled = 0
                 elif part == "data":
                     if meta is None or buf is None:
@@ -227,8 +224,9 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         raise InvalidArgument(
                             f"chunk {len(results)}: {filled + len(data)} bytes received, header said {meta.nbytes}"
                         )
-                    buf[filled : filled + len(data)] = data
+                    buf.write(filled, data)
                     filled += len(data)
+                    self.limits.wrote(buf, filled)
                 else:
                     raise InvalidArgument("empty PutFrame: set header or data")
                 if meta is not None and buf is not None and key is not None and filled == meta.nbytes:
@@ -239,18 +237,17 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         elapsed = time.perf_counter() - started
                         self._metrics.record_write(key, results[-1].tier, done_meta.nbytes, elapsed)
                     finally:
-                        self._inflight -= done_meta.nbytes
-                        self._buffers.give(done)
+                        self.limits.give_buffer(done, done_meta.nbytes)
         finally:
-            if meta is not None:
+            if buf is not None:
                 # An unfinished chunk: its bytes are dropped and nothing is stored.
-                self._inflight -= meta.nbytes
+                self.limits.give_buffer(buf, filled)
         if meta is not None:
             raise InvalidArgument(f"stream ended inside chunk {len(results)}: {filled} of {meta.nbytes} bytes received")
         return pb.PutReply(results=results)
 
-    async def _commit(self, key: ChunkKey, meta: ChunkMeta, buf: bytearray, durable: bool) -> pb.PutResult:
-        view = memoryview(buf)[: meta.nbytes]
+    async def _commit(self, key: ChunkKey, meta: ChunkMeta, buf: RecvBuffer, durable: bool) -> pb.PutResult:
+        view = buf.payload(meta.nbytes)
         got = await self._offload(meta.nbytes, checksum, view)
         if got != meta.checksum:
             raise CorruptChunk(f"chunk {key}: payload fails its checksum (xxh3 {got:#x}, header {meta.checksum:#x})")

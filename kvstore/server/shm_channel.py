@@ -43,7 +43,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import Closed, InvalidArgument, KVStoreError
 from kvstore.server.auth import Principal
 from kvstore.server.shm import NONCE_BYTES, Segment
 from kvstore.v1 import kvstore_pb2 as pb
@@ -95,6 +95,12 @@ class ShmChannel:
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
         self._conns: set[asyncio.StreamWriter] = set()
+        # Requests being served, so that a stopping daemon can let them finish
+        # (and flush what they stored) before it closes the store: see drain().
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
 
     @property
     def path(self) -> Path | None:
@@ -109,6 +115,21 @@ class ShmChannel:
                     self._serve, self._dir / "shm.sock", limit=MAX_BODY + HEADER.size
                 )
             return str(self._dir / "shm.sock")
+
+    async def drain(self, timeout_s: float | None) -> None:
+        """Stop taking requests and wait (up to ``timeout_s``) for those being served.
+
+        The daemon calls this while it stops, before it closes the store: a put served
+        here is acknowledged only once stored, and the store's close flushes what was
+        stored to its write-through tiers, so no acknowledged put may come after it.
+        A request arriving meanwhile gets UNAVAILABLE (the client then tries gRPC,
+        which is stopping too) and is not stored.
+        """
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     def close(self) -> None:
         """Stop listening, drop connections, remove the socket (idempotent)."""
@@ -135,6 +156,12 @@ class ShmChannel:
                 if msg is None:
                     return  # the client went away
                 kind, body = msg
+                if self._draining:
+                    writer.write(encode_error(Closed("the daemon is shutting down; nothing was stored")))
+                    await writer.drain()
+                    return
+                self._busy += 1
+                self._idle.clear()
                 try:
                     if principal is None:
                         principal = self._hello(kind, body)
@@ -146,6 +173,10 @@ class ShmChannel:
                     writer.write(encode_error(exc))
                     if principal is None or kind not in (KIND_PUT, KIND_GET):
                         return
+                finally:
+                    self._busy -= 1
+                    if self._busy == 0:
+                        self._idle.set()
                 await writer.drain()
         except ConnectionError:
             return
