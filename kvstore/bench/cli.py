@@ -34,7 +34,9 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="measure put/get throughput and latency against references and peers",
         description=(
             "Measure put and get throughput (GB/s) and p50/p99 latency of a kvstore daemon over the gRPC "
-            "stream and the shared-memory path, next to a plain memory copy and, when installed, the peers "
+            "stream and the shared-memory path, next to two memory copies (the same buffers again and again, "
+            "cache-resident at 1-4 MiB; and distinct buffers over 256 MiB, as the daemon sees them) and, when "
+            "installed, the peers "
             "a user would pick instead: Redis (redis-server + redis-py) and LMCache's raw-TCP and "
             "shared-memory servers (install with benchmarks/peers/install.sh).  Without --address it starts "
             "its own daemon (one 4 GiB CPU tier) on a free loopback port and stops it at the end."

@@ -293,6 +293,21 @@ class AsyncClient:
     def uses_shm(self) -> bool:
         return self._segment is not None
 
+    @property
+    def stream_only(self) -> bool:
+        """Payloads go through the byte stream: shared memory is off, or was tried and is unavailable."""
+        return self._shm_mode is False or (self._shm_tried and self._segment is None)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata sent with every call (the bearer token, if any)."""
+        return self._metadata
+
+    @property
+    def frame_bytes(self) -> int:
+        """The data-frame size this client asks for and sends."""
+        return self._frame
+
     async def buffer(self, nbytes: int) -> torch.Tensor | None:
         """A uint8 tensor inside the shared-memory segment (None without one).
 

@@ -4,17 +4,27 @@ It runs one private event loop in a daemon thread and submits each call to
 it, so both clients share one implementation of the protocol (retries,
 deadlines, shared memory, validation).  Safe to use from several threads.
 
-One shortcut: ``put`` of a tensor that lives in the shared-memory segment
-(:meth:`Client.buffer`) and ``get_into`` such a tensor go straight from the
-calling thread to the daemon's control channel over a blocking socket
-(``BlockingControlChannel``), skipping the hop to the event loop's thread,
-which costs 0.1-0.3 ms a call on a loaded machine.  Anything else, or a
-channel that is busy, broken or absent, takes the ordinary path.
+Two shortcuts go straight from the calling thread to the daemon over a
+blocking socket, skipping the hop to the event loop's thread (0.1-0.3 ms a
+call on a loaded machine):
+
+* ``put`` of a tensor that lives in the shared-memory segment
+  (:meth:`Client.buffer`) and ``get_into`` such a tensor, over the daemon's
+  control channel (``BlockingControlChannel``);
+* every get over the byte stream (no shared memory: ``shm=False``, or a
+  daemon on another host), over the client's own HTTP/2 connection
+  (:mod:`kvstore.client.h2get`): the same gRPC ``Get`` call, its payload read
+  from the socket straight into the result (one copy instead of five).
+  ``http2_get=False`` turns it off.
+
+Anything else, or a shortcut that is busy (another thread's call), broken or
+absent, takes the ordinary path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -22,11 +32,13 @@ from typing import Any, TypeVar
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.aio import AsyncClient, Fetched, KeyLike, LookupResult, _key_text
+from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
+from kvstore.client.h2get import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
-from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, error_for_status
+from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
 from kvstore.server.service import meta_from_pb
+from kvstore.tiers.memory import tensor_view
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -34,9 +46,13 @@ T = TypeVar("T")
 
 
 class Client:
-    """Blocking client of the kvstore daemon; same arguments as :class:`AsyncClient`."""
+    """Blocking client of the kvstore daemon; same arguments as :class:`AsyncClient`, and
+    ``http2_get`` (default True): gets over the byte stream use the client's own
+    HTTP/2 connection (see the module docstring)."""
 
-    def __init__(self, address: str = "127.0.0.1:51061", **kwargs: Any) -> None:
+    def __init__(self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, **kwargs: Any) -> None:
+        if not isinstance(http2_get, bool):
+            raise InvalidArgument(f"http2_get must be True or False, got {http2_get!r}")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
         self._thread.start()
@@ -45,6 +61,15 @@ class Client:
         self._blocking: BlockingControlChannel | None = None
         self._blocking_refused = 0  # segment id whose channel could not be opened here
         self._blocking_lock = threading.Lock()
+        #: The HTTP/2 shortcut; None: turned off, or a target it cannot parse (dns:///, unix:, ...).
+        self._h2: H2GetChannel | None = None
+        target = parse_address(address) if http2_get else None
+        if target is not None:
+            tls = _ssl_context(kwargs.get("tls"))
+            self._h2 = H2GetChannel(
+                *target, tls=tls[0] if tls else None, server_hostname=tls[1] if tls else None,
+                connect_timeout_s=min(5.0, self._aio.timeout_s),
+            )
 
     @staticmethod
     async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:
@@ -63,6 +88,8 @@ class Client:
         with self._blocking_lock:
             if self._blocking is not None:
                 self._blocking.close()
+        if self._h2 is not None:
+            self._h2.close()
         self._run(self._aio.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -78,6 +105,11 @@ class Client:
     def uses_shm(self) -> bool:
         return self._aio.uses_shm
 
+    @property
+    def http2_gets(self) -> int:
+        """Gets served over the HTTP/2 shortcut (the others went through grpcio or shared memory)."""
+        return 0 if self._h2 is None else self._h2.served
+
     def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
         if isinstance(value, torch.Tensor):
             tier = self._direct_put(key, value, durable)
@@ -89,20 +121,59 @@ class Client:
         return self._run(self._aio.put_many(items, durable=durable))
 
     def get(self, key: KeyLike) -> Fetched | None:
-        return self._run(self._aio.get(key))
+        return self.get_many([key])[0]
 
     def get_bytes(self, key: KeyLike) -> bytes | None:
-        return self._run(self._aio.get_bytes(key))
+        got = self.get(key)
+        return None if got is None else bytes(got.data)
 
     def get_tensor(self, key: KeyLike, device: str | torch.device = "cpu") -> torch.Tensor | None:
-        return self._run(self._aio.get_tensor(key, device))
+        got = self.get(key)
+        return None if got is None else got.tensor(device)
 
     def get_many(self, keys: Iterable[KeyLike]) -> list[Fetched | None]:
-        return self._run(self._aio.get_many(list(keys)))
+        keys = list(keys)
+        texts = [_key_text(k) for k in keys]
+        got = self._h2_get(texts, None) if texts else None
+        return got if got is not None else self._run(self._aio.get_many(keys))
 
     def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
         done, meta = self._direct_get_into(key, out)
-        return meta if done else self._run(self._aio.get_into(key, out))
+        if done:
+            return meta
+        if out.device.type == "cpu" and out.is_contiguous():
+            got = self._h2_get([_key_text(key)], out)
+            if got is not None:
+                return None if got[0] is None else got[0].meta
+        return self._run(self._aio.get_into(key, out))
+
+    # -- gets over the client's own HTTP/2 connection (see the module docstring) -------------
+    def _h2_get(self, texts: list[str], into: torch.Tensor | None) -> list[Fetched | None] | None:
+        """The chunks, or None: use the ordinary path (shared memory in use or not tried yet,
+        the connection busy or failing: grpcio then retries and reports)."""
+        if self._h2 is None or self._closed or not self._aio.stream_only:
+            return None
+        dest = None if into is None else tensor_view(into)
+
+        def destination(header: pb.GetHeader) -> memoryview:
+            n = header.meta.nbytes
+            if dest is None:
+                return memoryview(bytearray(n))
+            if n > dest.nbytes:
+                raise InvalidArgument(f"output has room for {dest.nbytes} bytes, the chunk has {n}")
+            return dest[:n]
+
+        request = pb.GetRequest(keys=texts, frame_bytes=self._aio.frame_bytes)
+        got = self._h2.get(request, metadata=self._aio.metadata, timeout_s=self._aio.timeout_s, destination=destination)
+        if got is None:
+            return None
+        out: list[Fetched | None] = [None] * len(texts)
+        for header, data in got:
+            if not 0 <= header.index < len(texts):
+                raise RemoteUnavailable(f"the daemon answered for key {header.index} of {len(texts)}")
+            if data is not None:
+                out[header.index] = _finish(meta_from_pb(header.meta), data, texts[header.index])
+        return out
 
     # -- the direct path (see the module docstring) ----------------------------------
     def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:
@@ -178,3 +249,14 @@ class Client:
 
     def delete(self, keys: Sequence[KeyLike]) -> list[bool]:
         return self._run(self._aio.delete(keys))
+
+
+def _ssl_context(tls: object) -> tuple[ssl.SSLContext, str | None] | None:
+    """The TLS settings of the HTTP/2 shortcut, the same as the gRPC channel's (ALPN h2)."""
+    if not isinstance(tls, ClientTLS):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    if tls.cert is not None:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx, tls.server_name

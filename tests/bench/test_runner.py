@@ -1,0 +1,42 @@
+"""Tests of kvstore.bench.runner: a real (small) run against a daemon it starts,
+and the table and goal rows rendered from a report."""
+
+from __future__ import annotations
+
+from kvstore.bench.runner import MiB, goal_rows, render_table, run
+
+
+def test_a_small_run_measures_every_target_and_both_copy_references() -> None:
+    report = run([0.25, 1], iters=4, warmup=1, address=None, peers=[], peer_python=None, progress=False)
+    rows = {(r["target"], r["size_bytes"]): r for r in report["results"]}  # type: ignore[index, union-attr]
+    for size in (MiB // 4, MiB):
+        for target in ("memcpy", "memcpy-distinct", "kvstore-grpc", "kvstore-shm"):
+            r = rows[(target, size)]
+            assert r["put_gbps"] > 0 and r["get_gbps"] > 0, r
+        # Every gRPC get of the run went over the client's HTTP/2 reader (run() checked the bytes).
+        assert rows[("kvstore-grpc", size)]["note"].startswith("5 of 5 gets over HTTP/2")
+        assert "x 2 buffers" in rows[("memcpy-distinct", size)]["note"]
+    table = render_table(report)
+    assert "memcpy-distinct" in table and "/distinct" in table
+
+
+def test_goal_rows_judge_shared_memory_against_both_copy_references() -> None:
+    def row(target: str, put: float, get: float) -> dict[str, object]:
+        return {"target": target, "size_bytes": MiB, "put_gbps": put, "get_gbps": get}
+
+    report: dict[str, object] = {
+        "machine": "test",
+        "results": [
+            row("memcpy", 40.0, 40.0),
+            row("memcpy-distinct", 8.0, 8.0),
+            row("kvstore-shm", 4.0, 5.0),
+            row("kvstore-grpc", 0.5, 1.0),
+            row("redis", 1.0, 2.0),
+        ],
+    }
+    got = {r["goal"]: (r["ratio"], r["met"]) for r in goal_rows(report)}
+    assert got["shm get >= 0.5x memcpy-distinct"] == (5.0 / 8.0, True)
+    assert got["shm put >= 0.5x memcpy-distinct"] == (0.5, True)
+    assert got["(shm get >= 0.5x memcpy, cache-resident)"] == (5.0 / 40.0, False)
+    assert got["gRPC get > Redis get"] == (0.5, False)
+    assert got["gRPC get >= 0.5x LMCache raw-TCP get"] == (None, None)  # not measured: no verdict
