@@ -104,10 +104,34 @@ def test_sigint_exits_cleanly(tmp_path: Path) -> None:
 def held_put(tmp_path: Path) -> Iterator[tuple[DaemonProcess, threading.Event, threading.Event, bytes]]:
     """A cpu+disk daemon with one Put stream in flight, stopped inside its chunk
     until the test sets ``release``; ``sent`` is set once the partial chunk is out."""
-    d = DaemonProcess(tmp_path / "d", cpu_and_disk(tmp_path / "chunks", cpu="32MiB", disk="256MiB", grace_s=60))
+    # One stream per client connection: while the test's Put holds it, a probe on the
+    # same channel is refused at once, which is how the test knows the Put is in flight.
+    cfg = cpu_and_disk(tmp_path / "chunks", cpu="32MiB", disk="256MiB", grace_s=60,
+                       limits={"max_streams_per_client": 1})
+    d = DaemonProcess(tmp_path / "d", cfg)
     d.start()
     yield d, threading.Event(), threading.Event(), blob(5, 3 * MiB)
     d.stop()
+
+
+def _wait_in_flight(ch: grpc.Channel) -> None:
+    """Until the daemon is serving the Put already open on ``ch``.
+
+    The client's request thread runs ahead of the network, so "the frames were handed
+    to grpc" does not mean the daemon has started the call; a call it has not started
+    when it stops is refused, not in flight.  The probe, a Get on the same connection,
+    is refused with RESOURCE_EXHAUSTED once the Put holds the connection's one stream.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            raw_get(stub(ch), [key(999, model="probe")])
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return
+            raise
+        time.sleep(0.02)  # polling an outside observable: there is no event to wait on
+    pytest.fail("the daemon never started serving the Put")
 
 
 def test_put_in_flight_at_sigterm_completes_and_is_kept(
@@ -126,6 +150,7 @@ def test_put_in_flight_at_sigterm_completes_and_is_kept(
     with channel(d.address) as ch:
         future = stub(ch).Put.future(frames(), timeout=60)
         assert sent.wait(30)
+        _wait_in_flight(ch)
         d.send_signal(signal.SIGTERM)
         _wait_not_serving(d)
         release.set()  # the stream in flight may finish during the grace period
@@ -152,6 +177,7 @@ def test_second_signal_cancels_streams_in_flight(
         future = stub(ch).Put.future(frames(), timeout=90)
         try:
             assert sent.wait(30)
+            _wait_in_flight(ch)
             d.send_signal(signal.SIGTERM)
             _wait_not_serving(d)
             assert d.proc is not None and d.proc.poll() is None  # waiting for the stream (grace: 60 s)
