@@ -72,7 +72,7 @@ from kvstore.tiers.base import Tier
 from kvstore.tiers.breaker import CircuitBreaker
 from kvstore.tiers.redis_config import RedisEndpoint, RedisTierConfig, parse_url, redact
 from kvstore.tiers.redis_layout import DISCARD_LUA, HEAD_SIZE, Manifest, manifest_key, part_keys
-from kvstore.tiers.redis_parts import BufferPool, Fallback, PartReader, ReaderAuth
+from kvstore.tiers.redis_parts import BufferPool, Fallback, PartReader, ConnectionAuth
 from kvstore.tiers.redis_writes import Command, PartsWrite, PartWriter, Reply
 
 __all__ = ["RedisEndpoint", "RedisTier", "RedisTierConfig", "Manifest", "parse_url"]
@@ -119,7 +119,7 @@ class RedisTier(Tier):
         self._client = self._make_client()
         cfg, ep = self.config, self._endpoint
         if not ep.tls:  # the part reader and writer speak plain TCP only; TLS goes through redis-py
-            auth = ReaderAuth(
+            auth = ConnectionAuth(
                 username=cfg.username if cfg.username is not None else ep.username,
                 password=cfg.password if cfg.password is not None else ep.password,
                 db=ep.db,

@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BufferPool", "CONNECTION_NAME", "Fallback", "PartReader", "ReaderAuth"]
+__all__ = ["BufferPool", "CONNECTION_NAME", "Fallback", "PartReader", "ConnectionAuth"]
 
 #: ``CLIENT SETNAME`` of the part reader's connections.
 CONNECTION_NAME = b"kvstore-parts"
@@ -66,8 +66,8 @@ class BufferPool:
 
 
 @dataclass(frozen=True, slots=True)
-class ReaderAuth:
-    """What a fresh connection sends before its first ``GET``."""
+class ConnectionAuth:
+    """What a fresh connection of the part reader or writer sends first (AUTH, SELECT)."""
 
     username: str | None = None
     password: str | None = None
@@ -234,7 +234,7 @@ class PartReader:
     midway is closed, never reused.
     """
 
-    def __init__(self, auth: ReaderAuth, connect_timeout_s: float, max_idle: int) -> None:
+    def __init__(self, auth: ConnectionAuth, connect_timeout_s: float, max_idle: int) -> None:
         self._auth = auth
         self._connect_timeout = connect_timeout_s
         self._max_idle = max_idle

@@ -42,7 +42,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvstore.tiers.redis_parts import Fallback, ReaderAuth
+from kvstore.tiers.redis_parts import Fallback, ConnectionAuth
 
 __all__ = ["PUT_MANIFEST_LUA", "WRITER_CONNECTION_NAME", "Command", "PartWriter", "PartsWrite", "Reply", "pack"]
 
@@ -255,7 +255,7 @@ class PartWriter:
     A connection that fails or is cancelled midway is closed, never reused.
     """
 
-    def __init__(self, auth: ReaderAuth, connect_timeout_s: float, max_idle: int) -> None:
+    def __init__(self, auth: ConnectionAuth, connect_timeout_s: float, max_idle: int) -> None:
         self._auth = auth
         self._connect_timeout = connect_timeout_s
         self._max_idle = max_idle

@@ -19,7 +19,7 @@ import pytest
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.redis import RedisTier, RedisTierConfig
-from kvstore.tiers.redis_parts import CONNECTION_NAME, BufferPool, Fallback, PartReader, ReaderAuth
+from kvstore.tiers.redis_parts import CONNECTION_NAME, BufferPool, Fallback, PartReader, ConnectionAuth
 from tests.support.redis import RedisClusterProcess, RedisServer, redis_cluster, redis_server
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures, imported for pytest
@@ -46,7 +46,7 @@ async def test_reads_values_in_place_with_nil_and_empty(redis_server: RedisServe
     for k, v in values.items():
         r.set(k, v)
     bufs = {k: bytearray(len(v)) for k, v in values.items()} | {"missing": bytearray(10)}
-    reader = PartReader(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         items = [(k, memoryview(b)) for k, b in bufs.items()]
         found = (await reader.read({_node(redis_server): items}))[_node(redis_server)]
@@ -65,7 +65,7 @@ async def test_error_or_wrong_size_falls_back_and_keeps_the_stream_in_step(redis
     r = redis_server.client()
     r.rpush("list", b"x")
     r.set("v", b"12345")
-    reader = PartReader(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     node = _node(redis_server)
     try:
         with pytest.raises(Fallback, match="WRONGTYPE"):
@@ -87,8 +87,8 @@ async def test_auth_and_database(tmp_path: Path) -> None:
         r = server.client(db=3)
         r.set("k", b"in db 3")
         node = _node(server)
-        good = PartReader(ReaderAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
-        bad = PartReader(ReaderAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
+        good = PartReader(ConnectionAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
+        bad = PartReader(ConnectionAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
         try:
             buf = bytearray(7)
             assert (await good.read({node: [("k", memoryview(buf))]}))[node] == [True] and buf == b"in db 3"
@@ -104,7 +104,7 @@ async def test_cancelled_read_closes_its_connection(redis_server: RedisServer) -
     value = _rand(8 * MiB, 3)
     r.set("big", value)
     node = _node(redis_server)
-    reader = PartReader(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         assert (await reader.read({node: [("big", memoryview(bytearray(len(value))))]}))[node] == [True]
         redis_server.pause()  # the reply cannot come: the read waits until cancelled
@@ -126,7 +126,7 @@ async def test_cancelled_read_closes_its_connection(redis_server: RedisServer) -
 
 async def test_pooled_connection_replaced_after_restart(redis_server: RedisServer) -> None:
     node = _node(redis_server)
-    reader = PartReader(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         redis_server.client().set("k", b"before")
         buf = bytearray(6)

@@ -32,7 +32,7 @@ from kvstore.errors import RemoteUnavailable
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.breaker import BreakerConfig
 from kvstore.tiers.redis import RedisTier, RedisTierConfig
-from kvstore.tiers.redis_parts import Fallback, ReaderAuth
+from kvstore.tiers.redis_parts import Fallback, ConnectionAuth
 from kvstore.tiers.redis_writes import PUT_MANIFEST_LUA, WRITER_CONNECTION_NAME, PartWriter
 from tests.support.redis import RedisClusterProcess, RedisServer, redis_cluster, redis_server
 
@@ -89,7 +89,7 @@ async def test_sends_values_from_memory_and_reads_every_reply_kind(redis_server:
     r = redis_server.client()
     big = _rand(3 * MiB + 7, 1)
     payload = memoryview(bytearray(big))[5:]  # a view into the middle of the caller's buffer
-    writer = PartWriter(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     node = _node(redis_server)
     try:
         replies = (
@@ -119,7 +119,7 @@ async def test_sends_values_from_memory_and_reads_every_reply_kind(redis_server:
 async def test_error_reply_falls_back_and_keeps_the_stream_in_step(redis_server: RedisServer) -> None:
     r = redis_server.client()
     r.rpush("list", b"x")
-    writer = PartWriter(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     node = _node(redis_server)
     try:
         with pytest.raises(Fallback, match="WRONGTYPE"):
@@ -135,8 +135,8 @@ async def test_error_reply_falls_back_and_keeps_the_stream_in_step(redis_server:
 async def test_auth_and_database(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "r", password="pa55") as server:
         node = _node(server)
-        good = PartWriter(ReaderAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
-        bad = PartWriter(ReaderAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
+        good = PartWriter(ConnectionAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
+        bad = PartWriter(ConnectionAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
         try:
             await good.write({node: [["SET", "k", b"in db 3"]]})
             assert server.client(db=3).get("k") == b"in db 3" and server.client().get("k") is None
@@ -149,7 +149,7 @@ async def test_auth_and_database(tmp_path: Path) -> None:
 
 async def test_server_down_is_a_connection_error(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "r")  # not started: nothing listens on its port
-    writer = PartWriter(ReaderAuth(), connect_timeout_s=1, max_idle=1)
+    writer = PartWriter(ConnectionAuth(), connect_timeout_s=1, max_idle=1)
     try:
         with pytest.raises(ConnectionError):
             await writer.write({_node(server): [["SET", "k", b"x"]]})
@@ -161,7 +161,7 @@ async def test_cancelled_write_closes_its_connection(redis_server: RedisServer) 
     r = redis_server.client()
     node = _node(redis_server)
     value = _rand(32 * MiB, 3)
-    writer = PartWriter(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         await writer.write({node: [["SET", "warm", b"x"]]})
         redis_server.pause()  # the socket buffers fill up: the send waits until cancelled
@@ -184,7 +184,7 @@ async def test_cancelled_write_closes_its_connection(redis_server: RedisServer) 
 
 async def test_pooled_connection_replaced_after_restart(redis_server: RedisServer) -> None:
     node = _node(redis_server)
-    writer = PartWriter(ReaderAuth(), connect_timeout_s=5, max_idle=4)
+    writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         await writer.write({node: [["SET", "k", b"before"]]})
         redis_server.kill()
