@@ -86,7 +86,6 @@ def client_main(address: str, w: int, duration: float, shm: bool, out: Any, floo
     """One client process: mixed puts and gets (or, with ``flood``, puts of that size,
     each read back once acknowledged) until ``duration`` has passed."""
     import kvstore
-    from kvstore.errors import CapacityError
 
     rng = random.Random(w)
     pool = {s: [value(s, v) for v in range(POOL)] for s in ([flood] if flood else SIZES)}
@@ -102,15 +101,8 @@ def client_main(address: str, w: int, duration: float, shm: bool, out: Any, floo
             t0 = time.perf_counter()
             try:
                 c.put(k, pool[flood][v])
-            except CapacityError:
-                counts["refused"] += 1  # and again at once: the worst case for the bound
-                continue
             except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
-                if MISREPORTED in str(exc):
-                    counts["refused_as_internal"] += 1
-                    continue
-                counts["errors"] += 1
-                print(f"client {w}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                count_failure(exc, counts, w)  # a refused put is tried again at once: the worst case for the bound
                 continue
             lat["put"].append(time.perf_counter() - t0)
             moved["put"] += flood
@@ -150,15 +142,23 @@ def client_main(address: str, w: int, duration: float, shm: bool, out: Any, floo
                     # An own key not written by us yet can only miss; an evicted one misses too.
                     if want is None or got != pool[size][want]:
                         counts["mismatches"] += 1
-            except CapacityError:
-                counts["refused"] += 1
             except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
-                if MISREPORTED in str(exc):
-                    counts["refused_as_internal"] += 1
-                    continue
-                counts["errors"] += 1
-                print(f"client {w}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                count_failure(exc, counts, w)
     out.put({"lat": lat, "moved": moved, "began": began, "ended": time.time(), **counts})
+
+
+def count_failure(exc: Exception, counts: dict[str, int], w: int) -> None:
+    """A put or get that failed: refused by the memory bound (also when grpc.aio misreports the
+    refusal as INTERNAL), or an error, which is printed."""
+    from kvstore.errors import CapacityError
+
+    if isinstance(exc, CapacityError):
+        counts["refused"] += 1
+    elif MISREPORTED in str(exc):
+        counts["refused_as_internal"] += 1
+    else:
+        counts["errors"] += 1
+        print(f"client {w}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def pct(xs: list[float], p: float) -> float:
