@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-import torch
 from google.protobuf.message import DecodeError, Message
 
 from kvstore.chunk import Chunk, ChunkMeta, checksum
@@ -33,6 +32,7 @@ from kvstore.server.limits import Limits
 from kvstore.server.shm import SegmentTable
 from kvstore.server.shm_channel import ShmChannel
 from kvstore.store import TieredStore
+from kvstore.tiers.copier import Copier, finish, when_done
 from kvstore.tiers.memory import as_uint8_tensor
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -113,6 +113,8 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
         self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
+        #: Shared-memory gets: the copy into the client's segment, split over the pool's threads.
+        self._copier = Copier(self._pool, threads, inline_max=THREAD_MIN)
         if limits is None:
             limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
         #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py):
@@ -163,6 +165,22 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             raise CapacityError(
                 f"{where}: chunk of {meta.nbytes} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
             )
+
+    async def _copy_out(self, chunk: Chunk, dst: memoryview) -> None:
+        """Copy ``chunk``'s payload into ``dst`` and release the chunk, only once no
+        copy thread reads it any more (also when this call is cancelled)."""
+        if not dst.nbytes:
+            chunk.release()
+            return
+        try:
+            copying = self._copier.start(as_uint8_tensor(dst), as_uint8_tensor(chunk.payload))
+        except BaseException:
+            chunk.release()
+            raise
+        try:
+            await finish(copying)
+        finally:
+            when_done(copying, chunk.release)
 
     # -- Put -----------------------------------------------------------------
     async def Put(
@@ -415,21 +433,15 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                 self._metrics.record_miss(key)
                 results.append(pb.ShmGetResult(found=False))
                 continue
-            with chunk:
-                n = chunk.meta.nbytes
-                if n > dst.nbytes:
-                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
-                    continue
-                await self._offload(n, _copy, dst[:n], chunk.payload)
-                results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
+            n = chunk.meta.nbytes
+            if n > dst.nbytes:
+                chunk.release()
+                results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
+                continue
+            await self._copy_out(chunk, dst[:n])
+            results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
             self._metrics.record_read(key, tier, n, time.perf_counter() - started)
         return pb.ShmGetReply(results=results)
-
-
-
-def _copy(dst: memoryview, src: memoryview) -> None:
-    if dst.nbytes:
-        torch.frombuffer(dst, dtype=torch.uint8).copy_(as_uint8_tensor(src))
 
 
 def lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:

@@ -11,9 +11,11 @@ releases its :class:`Chunk`: a chunk deleted or evicted while readers hold it
 leaves the index at once but its bytes are freed only when the last reader
 releases it (those bytes still count as used, so the capacity holds).
 
-Large copies run in a small thread pool (torch releases the GIL while
-copying), so a 32 MiB put does not stall the event loop; a put cancelled
-mid-copy frees its block only after the copy thread has finished with it.
+Copies of host memory of 2 MiB and more are split over ``copy_threads``
+threads (kvstore/tiers/copier.py; torch releases the GIL while copying), and
+those over ``inline_copy_max`` run in the pool entirely, so a 32 MiB put does
+not stall the event loop; a put cancelled mid-copy frees its block only after
+the copy threads have finished with it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from kvstore.errors import CapacityError, Closed, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.allocator import FreeListAllocator
 from kvstore.tiers.base import Tier
+from kvstore.tiers.copier import Copier, finish, when_done
 
 # torch.frombuffer warns once about read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -93,12 +96,14 @@ class MemoryTier(Tier):
         self._arena: torch.Tensor | None = None
         self._index: dict[ChunkKey, _Entry] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._copy: Copier | None = None
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
         if self._arena is not None:
             return
         self._pool = ThreadPoolExecutor(self._copy_threads, thread_name_prefix=f"kvstore-{self.name}")
+        self._copy = Copier(self._pool, self._copy_threads, inline_max=self._inline_max)
         loop = asyncio.get_running_loop()
         self._arena = await loop.run_in_executor(self._pool, self._make_arena)
 
@@ -116,8 +121,14 @@ class MemoryTier(Tier):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+            self._copy = None
         self._index.clear()
         self._arena = None
+
+    def _copier(self) -> Copier:
+        if self._copy is None:
+            raise Closed(f"tier {self.name!r} is not open")
+        return self._copy
 
     def _require_open(self) -> torch.Tensor:
         if self._arena is None:
@@ -158,17 +169,17 @@ class MemoryTier(Tier):
                 f"(used {self._alloc.used} of {self._alloc.capacity})"
             )
         dst = arena[off : off + n]
-        src = as_uint8_tensor(chunk.payload)
-        if n <= self._inline_max or self._pool is None:
-            dst.copy_(src)
-        else:
-            fut = asyncio.get_running_loop().run_in_executor(self._pool, dst.copy_, src)
-            try:
-                await asyncio.shield(fut)
-            except BaseException:
-                # The copy thread may still be writing into the block.
-                fut.add_done_callback(lambda _f: self._alloc.free(off))
-                raise
+        try:
+            copying = self._copier().start(dst, as_uint8_tensor(chunk.payload))
+        except BaseException:
+            self._alloc.free(off)
+            raise
+        try:
+            await finish(copying)
+        except BaseException:
+            # A copy thread may still be writing into the block.
+            when_done(copying, lambda: self._alloc.free(off))
+            raise
         old = self._index.get(key)
         self._index[key] = _Entry(off, chunk.meta)
         if old is not None:

@@ -1,0 +1,157 @@
+"""Copies of large chunks in host memory, split over threads.
+
+One core copies 10-13 GB/s between buffers that are not in its caches on the
+2-core benchmark VM; two cores copy the same 16-32 MiB in 60-70 % of the time
+(``python benchmarks/bench_daemon.py`` prints both next to the daemon).  The
+daemon's copies are the body of every shared-memory put and get, and while
+one runs the client is blocked waiting for it, so the copy may use every
+thread the copier was given.
+
+A :class:`Copier` splits a copy of at least ``split_min`` bytes into one part
+per thread (at 4 KiB boundaries).  Up to ``inline_max`` bytes the calling
+thread (the event loop's, in the daemon) copies the first part itself while
+the pool copies the others, and takes back any part the pool has not started
+yet (a pool busy with another chunk never makes the caller wait for it):
+handing the whole copy to a thread and waking the loop afterwards costs
+0.05-0.1 ms, the time of copying about 1 MiB.  Larger copies run entirely in
+the pool, so the event loop keeps serving.  Copies to or from a device run as
+one ``copy_`` (the device's engine does the work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+#: Parts are cut at multiples of this (pages: neither side shares a page between threads).
+PART_ALIGN = 4096
+
+
+class Copier:
+    """Copies ``src`` into ``dst`` (flat uint8 tensors of one length); see the module docstring."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor | None,
+        threads: int,
+        *,
+        inline_max: int = 8 << 20,
+        split_min: int = 2 << 20,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._pool = pool
+        self._threads = threads
+        self._inline_max = inline_max
+        self._split_min = split_min
+
+    def parts(self, dst: torch.Tensor, src: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (dst, src) pieces a copy of these two is cut into."""
+        n = dst.numel()
+        if src.numel() != n:
+            raise ValueError(f"copy of {src.numel()} bytes into {n}")
+        if not self._splits(dst, src):
+            return [(dst, src)]
+        per_thread = -(-n // self._threads)  # ceil
+        step = -(-per_thread // PART_ALIGN) * PART_ALIGN
+        return [(dst[o : o + step], src[o : o + step]) for o in range(0, n, step)]
+
+    def _splits(self, dst: torch.Tensor, src: torch.Tensor) -> bool:
+        return (
+            self._pool is not None
+            and self._threads > 1
+            and dst.numel() >= self._split_min
+            and dst.device.type == "cpu"
+            and src.device.type == "cpu"
+        )
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy on the calling thread, helped by the pool; returns when done."""
+        parts = self.parts(dst, src)
+        if len(parts) == 1 or self._pool is None:
+            dst.copy_(src)
+            return
+        helpers = [self._pool.submit(_copy_part, d, s) for d, s in parts[1:]]
+        _copy_part(*parts[0])
+        for fut, (d, s) in zip(helpers, parts[1:], strict=True):
+            if fut.cancel():  # the pool had not started it: do it here
+                _copy_part(d, s)
+            else:
+                fut.result()
+
+    def start(self, dst: torch.Tensor, src: torch.Tensor) -> asyncio.Future[None]:
+        """Start the copy; the future is done when all of it is.
+
+        Small and medium copies are done before this returns (see the module
+        docstring).  Cancelling the returned future does not stop a copy that
+        is running: a caller that frees ``dst`` on cancellation must do it from
+        :func:`when_done`.
+        """
+        loop = asyncio.get_running_loop()
+        n = dst.numel()
+        if n <= self._inline_max or self._pool is None:
+            self.copy_now(dst, src)
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        pieces = [self._pool.submit(_copy_part, d, s) for d, s in self.parts(dst, src)]
+        return _all_done(loop, pieces)
+
+    async def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` into ``dst``; if cancelled, the copy is still finished in the background."""
+        await finish(self.start(dst, src))
+
+
+async def finish(fut: asyncio.Future[None]) -> None:
+    """Wait for ``fut`` (from :meth:`Copier.start`) without cancelling it if the
+    caller is cancelled; one that is done already costs no trip through the loop."""
+    if fut.done():
+        fut.result()
+        return
+    await asyncio.shield(fut)
+
+
+def when_done(fut: asyncio.Future[None], fn: Callable[[], object]) -> None:
+    """Run ``fn`` once ``fut`` (from :meth:`Copier.start`) is done, however it ends."""
+    fut.add_done_callback(lambda _f: fn())
+
+
+def _copy_part(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _all_done(loop: asyncio.AbstractEventLoop, pieces: list[Future[None]]) -> asyncio.Future[None]:
+    """One asyncio future for several pool futures: done when the last is, failed if any failed."""
+    done: asyncio.Future[None] = loop.create_future()
+    left = [len(pieces)]
+    error: list[BaseException] = []
+    lock = threading.Lock()  # the callbacks run on the pool's threads
+
+    def finished(fut: Future[None]) -> None:
+        exc = fut.exception()
+        with lock:
+            if exc is not None:
+                error.append(exc)
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, done, error)
+
+    for p in pieces:
+        p.add_done_callback(finished)
+    return done
+
+
+def _settle(done: asyncio.Future[None], error: list[BaseException]) -> None:
+    if done.done():
+        return
+    if error:
+        done.set_exception(error[0])
+    else:
+        done.set_result(None)

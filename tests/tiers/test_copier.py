@@ -1,0 +1,119 @@
+"""The copier: large host copies split over threads, exact, and safe to cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from kvstore.tiers.copier import PART_ALIGN, Copier, finish, when_done
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    p = ThreadPoolExecutor(2)
+    yield p
+    p.shutdown(wait=True)
+
+
+def buffers(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    return src, torch.zeros(n, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 2 * MiB - 1, 2 * MiB, 2 * MiB + 12345, 9 * MiB + 7])
+def test_copy_now_is_exact_for_every_size(pool: ThreadPoolExecutor, n: int) -> None:
+    src, dst = buffers(n, seed=n)
+    Copier(pool, 2).copy_now(dst, src)
+    assert torch.equal(src, dst)
+
+
+def test_parts_are_page_aligned_and_cover_the_buffer(pool: ThreadPoolExecutor) -> None:
+    n = 3 * MiB + 5
+    src, dst = buffers(n)
+    parts = Copier(pool, 3).parts(dst, src)
+    assert len(parts) == 3
+    offsets = [d.data_ptr() - dst.data_ptr() for d, _ in parts]
+    assert all(o % PART_ALIGN == 0 for o in offsets)
+    assert sum(d.numel() for d, _ in parts) == n
+    assert [s.data_ptr() - src.data_ptr() for _, s in parts] == offsets
+
+
+def test_small_copies_and_single_thread_copiers_are_not_split(pool: ThreadPoolExecutor) -> None:
+    src, dst = buffers(MiB)
+    assert len(Copier(pool, 2).parts(dst, src)) == 1  # under split_min
+    big_src, big_dst = buffers(4 * MiB)
+    assert len(Copier(pool, 1).parts(big_dst, big_src)) == 1
+    assert len(Copier(None, 2).parts(big_dst, big_src)) == 1
+    with pytest.raises(ValueError, match="copy of"):
+        Copier(pool, 2).parts(dst, big_src)
+    with pytest.raises(ValueError, match="threads"):
+        Copier(pool, 0)
+
+
+def test_a_busy_pool_never_makes_the_caller_wait(pool: ThreadPoolExecutor) -> None:
+    """Both pool threads are held by other work: the caller copies the parts itself."""
+    release = threading.Event()
+    blockers = [pool.submit(release.wait, 30) for _ in range(2)]
+    try:
+        src, dst = buffers(4 * MiB, seed=3)
+        done = threading.Event()
+
+        def run() -> None:
+            Copier(pool, 2).copy_now(dst, src)
+            done.set()
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert done.wait(10), "copy_now waited for a busy pool"
+        assert torch.equal(src, dst)
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+        t.join()
+
+
+async def test_large_copies_run_in_the_pool_while_the_loop_serves(pool: ThreadPoolExecutor) -> None:
+    src, dst = buffers(64 * MiB, seed=5)
+    copier = Copier(pool, 2, inline_max=8 * MiB)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    fut = copier.start(dst, src)
+    assert not fut.done()  # handed to the pool, not copied on the loop
+    await finish(fut)
+    t.cancel()
+    assert torch.equal(src, dst)
+    assert ticks > 0
+
+
+async def test_cancelled_waiter_leaves_the_copy_running_to_its_end(pool: ThreadPoolExecutor) -> None:
+    src, dst = buffers(64 * MiB, seed=7)
+    copier = Copier(pool, 2, inline_max=MiB)
+    fut = copier.start(dst, src)
+    complete_at_callback: list[bool] = []
+    when_done(fut, lambda: complete_at_callback.append(torch.equal(src, dst)))
+
+    task = asyncio.create_task(finish(fut))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(asyncio.shield(fut), 30)
+    await asyncio.sleep(0)
+    assert complete_at_callback == [True]
+
