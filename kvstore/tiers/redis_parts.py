@@ -25,6 +25,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvstore.tiers.redis_pool import Node, NodePool
+
 __all__ = ["BufferPool", "CONNECTION_NAME", "Fallback", "PartReader", "ConnectionAuth"]
 
 #: ``CLIENT SETNAME`` of the part reader's connections.
@@ -117,6 +119,13 @@ class _Replies(asyncio.BufferedProtocol):
         elif not slots:
             self._done.set_result(None)
         return self._done
+
+    def usable(self) -> bool:
+        return not self.lost
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def _fail(self, exc: BaseException) -> None:
         if self._done is not None and not self._done.done():
@@ -237,9 +246,7 @@ class PartReader:
     def __init__(self, auth: ConnectionAuth, connect_timeout_s: float, max_idle: int) -> None:
         self._auth = auth
         self._connect_timeout = connect_timeout_s
-        self._max_idle = max_idle
-        self._idle: dict[tuple[str, int], list[_Replies]] = {}
-        self._closed = False
+        self._pool: NodePool[_Replies] = NodePool("part reader", self._connect, max_idle)
 
     async def read(
         self, batches: dict[tuple[str, int], list[tuple[str, memoryview]]]
@@ -250,41 +257,23 @@ class PartReader:
         results = await asyncio.gather(*(self._read_node(n, batches[n]) for n in nodes))
         return dict(zip(nodes, results, strict=True))
 
-    async def _read_node(self, node: tuple[str, int], items: list[tuple[str, memoryview]]) -> list[bool]:
+    async def _read_node(self, node: Node, items: list[tuple[str, memoryview]]) -> list[bool]:
         payload = b"".join(_command(b"GET", k.encode()) for k, _ in items)
         slots = [s for _, s in items]
-        for attempt in range(2):
-            conn, reused = await self._take(node)
-            try:
-                done = conn.expect(slots)
-                assert conn.transport is not None
-                conn.transport.write(payload)
-                await done
-            except ConnectionError:
-                if conn.transport is not None:
-                    conn.transport.abort()
-                if reused and attempt == 0:
-                    continue  # a pooled connection that died with a restarted server
-                raise
-            except BaseException:
-                if conn.transport is not None:
-                    conn.transport.abort()  # replies may still be in flight
-                raise
-            errors, found = conn.errors, conn.found
-            self._give(node, conn)
-            if errors:
-                raise Fallback(f"redis {node[0]}:{node[1]} answered {errors[0][:80]!r}")
-            return found
-        raise AssertionError("unreachable")
 
-    async def _take(self, node: tuple[str, int]) -> tuple[_Replies, bool]:
-        if self._closed:
-            raise ConnectionError("the part reader is closed")
-        idle = self._idle.get(node)
-        while idle:
-            conn = idle.pop()
-            if not conn.lost:
-                return conn, True
+        async def exchange(conn: _Replies) -> tuple[list[bytes], list[bool]]:
+            done = conn.expect(slots)
+            assert conn.transport is not None
+            conn.transport.write(payload)
+            await done
+            return conn.errors, conn.found
+
+        errors, found = await self._pool.run(node, exchange)
+        if errors:
+            raise Fallback(f"redis {node[0]}:{node[1]} answered {errors[0][:80]!r}")
+        return found
+
+    async def _connect(self, node: Node) -> _Replies:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, conn = await loop.create_connection(_Replies, node[0], node[1])
@@ -306,23 +295,9 @@ class PartReader:
             if conn.errors:
                 raise Fallback(f"redis {node[0]}:{node[1]} refused the setup: {conn.errors[0][:80]!r}")
         except BaseException:
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.close()
             raise
-        return conn, False
-
-    def _give(self, node: tuple[str, int], conn: _Replies) -> None:
-        idle = self._idle.setdefault(node, [])
-        if self._closed or conn.lost or len(idle) >= self._max_idle:
-            if conn.transport is not None:
-                conn.transport.close()
-            return
-        idle.append(conn)
+        return conn
 
     def close(self) -> None:
-        self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                if conn.transport is not None:
-                    conn.transport.close()
-        self._idle.clear()
+        self._pool.close()

@@ -42,7 +42,8 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvstore.tiers.redis_parts import Fallback, ConnectionAuth
+from kvstore.tiers.redis_parts import ConnectionAuth, Fallback
+from kvstore.tiers.redis_pool import Node, NodePool
 
 __all__ = ["PUT_MANIFEST_LUA", "WRITER_CONNECTION_NAME", "Command", "PartWriter", "PartsWrite", "Reply", "pack"]
 
@@ -129,7 +130,7 @@ class _Connection:
     def close(self) -> None:
         self.sock.close()
 
-    def alive(self) -> bool:
+    def usable(self) -> bool:
         """False if the server closed it (or sent something unasked) while it was idle."""
         try:
             self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; data: out of step
@@ -258,56 +259,36 @@ class PartWriter:
     def __init__(self, auth: ConnectionAuth, connect_timeout_s: float, max_idle: int) -> None:
         self._auth = auth
         self._connect_timeout = connect_timeout_s
-        self._max_idle = max_idle
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._closed = False
+        self._pool: NodePool[_Connection] = NodePool("part writer", self._connect, max_idle)
 
-    async def write(self, batches: dict[tuple[str, int], list[Command]]) -> dict[tuple[str, int], list[Reply]]:
+    async def write(self, batches: dict[Node, list[Command]]) -> dict[Node, list[Reply]]:
         nodes = list(batches)
         if len(nodes) == 1:
             return {nodes[0]: await self._write_node(nodes[0], batches[nodes[0]])}
         # Wait for every node, even after one failed: when this returns or
         # raises, none of our writes is still in flight.
         results = await asyncio.gather(*(self._write_node(n, batches[n]) for n in nodes), return_exceptions=True)
-        out: dict[tuple[str, int], list[Reply]] = {}
+        out: dict[Node, list[Reply]] = {}
         for node, r in zip(nodes, results, strict=True):
             if isinstance(r, BaseException):
                 raise r
             out[node] = r
         return out
 
-    async def _write_node(self, node: tuple[str, int], commands: list[Command]) -> list[Reply]:
+    async def _write_node(self, node: Node, commands: list[Command]) -> list[Reply]:
         buffers = [b for c in commands for b in pack(c)]
-        for attempt in range(2):
-            conn, reused = await self._take(node)
-            try:
-                await conn.send(buffers)
-                replies, errors = await conn.replies(len(commands))
-            except ConnectionError:
-                conn.close()
-                if reused and attempt == 0:
-                    # A pooled connection that died with a restarted server.
-                    # Sending again is safe: see the module docstring.
-                    continue
-                raise
-            except BaseException:
-                conn.close()  # replies may still be in flight
-                raise
-            self._give(node, conn)
-            if errors:
-                raise Fallback(f"redis {node[0]}:{node[1]} answered {errors[0][:80]!r}")
-            return replies
-        raise AssertionError("unreachable")
 
-    async def _take(self, node: tuple[str, int]) -> tuple[_Connection, bool]:
-        if self._closed:
-            raise ConnectionError("the part writer is closed")
-        idle = self._idle.get(node)
-        while idle:
-            pooled = idle.pop()
-            if pooled.alive():
-                return pooled, True
-            pooled.close()
+        # Sending again on a new connection after a pooled one died is safe: see the module docstring.
+        async def exchange(conn: _Connection) -> tuple[list[Reply], list[bytes]]:
+            await conn.send(buffers)
+            return await conn.replies(len(commands))
+
+        replies, errors = await self._pool.run(node, exchange)
+        if errors:
+            raise Fallback(f"redis {node[0]}:{node[1]} answered {errors[0][:80]!r}")
+        return replies
+
+    async def _connect(self, node: Node) -> _Connection:
         loop = asyncio.get_running_loop()
         conn: _Connection | None = None
         try:
@@ -334,7 +315,7 @@ class PartWriter:
         if errors:
             conn.close()
             raise Fallback(f"redis {node[0]}:{node[1]} refused the setup: {errors[0][:80]!r}")
-        return conn, False
+        return conn
 
     def _setup(self) -> list[Command]:
         auth = self._auth
@@ -348,16 +329,5 @@ class PartWriter:
             setup.append(["SELECT", str(auth.db)])
         return setup
 
-    def _give(self, node: tuple[str, int], conn: _Connection) -> None:
-        idle = self._idle.setdefault(node, [])
-        if self._closed or len(idle) >= self._max_idle:
-            conn.close()
-            return
-        idle.append(conn)
-
     def close(self) -> None:
-        self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        self._pool.close()
