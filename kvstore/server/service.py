@@ -33,7 +33,6 @@ from kvstore.server.shm import SegmentTable
 from kvstore.server.shm_channel import ShmChannel
 from kvstore.store import TieredStore
 from kvstore.tiers.copier import Copier, finish, when_done
-from kvstore.tiers.memory import as_uint8_tensor
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -173,7 +172,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             chunk.release()
             return
         try:
-            copying = self._copier.start(as_uint8_tensor(dst), as_uint8_tensor(chunk.payload))
+            copying = self._copier.start(dst, chunk.payload)
         except BaseException:
             chunk.release()
             raise

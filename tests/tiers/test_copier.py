@@ -117,3 +117,23 @@ async def test_cancelled_waiter_leaves_the_copy_running_to_its_end(pool: ThreadP
     await asyncio.sleep(0)
     assert complete_at_callback == [True]
 
+
+
+@pytest.mark.parametrize("n", [0, 100, 3 * MiB + 1, 20 * MiB])
+async def test_memoryviews_and_tensors_mix(pool: ThreadPoolExecutor, n: int) -> None:
+    """Byte views (a tier's arena, a client's segment) copy like tensors, split or not."""
+    src, dst = buffers(n, seed=11)
+    copier = Copier(pool, 2, inline_max=8 * MiB)
+    for d, s in [
+        (memoryview(dst.numpy()), memoryview(src.numpy())),
+        (dst, memoryview(src.numpy())),
+        (memoryview(dst.numpy()), src),
+    ]:
+        dst.zero_()
+        await copier.copy(d, s)
+        assert torch.equal(src, dst)
+    # A view of another item format is copied as its bytes.
+    words = memoryview(src.numpy()).cast("B")[: n // 4 * 4].cast("I")
+    dst.zero_()
+    await copier.copy(memoryview(dst.numpy())[: n // 4 * 4], words)
+    assert torch.equal(src[: n // 4 * 4], dst[: n // 4 * 4])
