@@ -11,7 +11,6 @@ in worker threads (xxhash and torch release the GIL), off the event loop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -391,21 +390,23 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             seg = segs.get(item.slice.segment_id, principal.tenant)
             staged.append((key, meta, seg.view(item.slice.offset, item.slice.length), item.daemon_checksum))
         # Every item is checked before any is stored: a failed request stores nothing.
+        # Items whose checksum the daemon computes are checksummed as stored, by the
+        # tier, over its own copy (Tier.put_summing): the checksum then describes the
+        # bytes stored even if the client rewrites its segment meanwhile.
         started = time.perf_counter()
         checked = []
         for i, (key, meta, view, ours) in enumerate(staged):
-            got = await self._offload(meta.nbytes, checksum, view)
-            if ours:
-                meta = dataclasses.replace(meta, checksum=got)
-            elif got != meta.checksum:
-                raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
-            checked.append((key, meta, view))
+            if not ours:
+                got = await self._offload(meta.nbytes, checksum, view)
+                if got != meta.checksum:
+                    raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
+            checked.append((key, meta, view, ours))
         results = []
-        for key, meta, view in checked:
-            tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True)
+        for key, meta, view, ours in checked:
+            tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True, summing=ours)
             results.append(pb.PutResult(key=str(key), tier=tier))
         elapsed = time.perf_counter() - started
-        written = [(k, r.tier, m.nbytes) for (k, m, _), r in zip(checked, results, strict=True)]
+        written = [(k, r.tier, m.nbytes) for (k, m, _, _), r in zip(checked, results, strict=True)]
         self._metrics.record_writes(written, elapsed)
         return pb.PutReply(results=results)
 

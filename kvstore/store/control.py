@@ -169,7 +169,7 @@ class TieredStore(StoreCore):
                 return "missing"
             with chunk:
                 outcome: MoveOutcome = "already" if dst.holds(key, chunk.meta.checksum) else "moved"
-                if outcome == "moved" and not await self._admit(dst, key, chunk, strict=False):
+                if outcome == "moved" and await self._admit(dst, key, chunk, strict=False) is None:
                     return "no_room"
             if dst.index > src.index:
                 await self._drop(src, key)
@@ -247,7 +247,7 @@ class TieredStore(StoreCore):
         async with self._keys.hold(key):
             if key not in slot.sizes or slot.sums.get(key) != expect:
                 return False
-            return await self._admit(slot, key, chunk, strict=False)
+            return await self._admit(slot, key, chunk, strict=False) is not None
 
     async def clear(self, tier: str | None = None, namespace: Namespace | None = None) -> tuple[int, int]:
         """Drop every chunk (of ``namespace``, in ``tier``) without demotion;

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Self
 
-from kvstore.chunk import Chunk
+from kvstore.chunk import Chunk, ChunkMeta
 from kvstore.errors import CapacityError, Closed, ConfigError, InvalidArgument, KVStoreError, QuotaExceeded, RemoteUnavailable
 from kvstore.eviction import make_policy
 from kvstore.keys import ChunkKey, Namespace
@@ -126,26 +126,35 @@ class StoreCore:
         return key in self._busy or self.pins.is_pinned(key)
 
     # -- put ---------------------------------------------------------------
-    async def put(self, key: ChunkKey, chunk: Chunk, *, durable: bool = False, verified: bool = False) -> str:
+    async def put(
+        self, key: ChunkKey, chunk: Chunk, *, durable: bool = False, verified: bool = False, summing: bool = False
+    ) -> str:
         """Store ``chunk``; returns the name of the tier it was admitted to.
 
         With ``durable`` the call returns only after every write-through tier
         has it too (e.g. fsynced on disk).  ``verified`` says the caller has
-        already checked the payload against its checksum.
+        already checked the payload against its checksum.  ``summing`` says
+        the payload has no checksum yet (``chunk.meta.checksum`` is ignored):
+        the tier computes it over its own copy (Tier.put_summing), so that it
+        describes the bytes stored even if the payload's owner rewrites them
+        meanwhile.
         """
         self._require_open()
-        if self._verify and not verified:
+        if self._verify and not verified and not summing:
             chunk.verify()
         n = chunk.meta.nbytes
         async with self._keys.hold(key):
             slot = self._first_fitting(n)
-            if slot.holds(key, chunk.meta.checksum):
+            if not summing and slot.holds(key, chunk.meta.checksum):
                 # Keys name content: the same prefix saved twice is common.
                 slot.policy.access(key)
+                meta = chunk.meta
             else:
-                await self._admit(slot, key, chunk, strict=True)
+                stored = await self._admit(slot, key, chunk, strict=True, summing=summing)
+                assert stored is not None  # strict: it raised otherwise
+                meta = stored
             for other in self._slots:
-                if other.index != slot.index and key in other.sizes and not other.holds(key, chunk.meta.checksum):
+                if other.index != slot.index and key in other.sizes and not other.holds(key, meta.checksum):
                     # A stale copy elsewhere must not shadow or outlive the new value.
                     await self._drop(other, key)
             jobs = self._enqueue_write_through(slot, key, durable)
@@ -212,7 +221,7 @@ class StoreCore:
             with chunk:
                 if slot.holds(key, chunk.meta.checksum):
                     return
-                if await self._admit(slot, key, chunk, strict=False):
+                if await self._admit(slot, key, chunk, strict=False) is not None:
                     slot.counters.write_through += 1
 
     async def _get_above(self, index: int, key: ChunkKey) -> Chunk | None:
@@ -223,27 +232,36 @@ class StoreCore:
                     return chunk
         return None
 
-    async def _admit(self, slot: Slot, key: ChunkKey, chunk: Chunk, *, strict: bool) -> bool:
-        """Store ``chunk`` in ``slot``'s tier, evicting to make room.
+    async def _admit(
+        self, slot: Slot, key: ChunkKey, chunk: Chunk, *, strict: bool, summing: bool = False
+    ) -> ChunkMeta | None:
+        """Store ``chunk`` in ``slot``'s tier, evicting to make room; the metadata
+        stored (with the checksum of the stored bytes when ``summing``).
 
         ``strict``: raise when it cannot fit; otherwise (write-through,
-        demotion, promotion) give up quietly and return False.
+        demotion, promotion) give up quietly and return None.
         """
         n = chunk.meta.nbytes
         tier = slot.tier
         if not tier.managed:
-            await tier.put(key, chunk)
-            return True
+            return await self._tier_put(tier, key, chunk, summing)
         async with slot.lock:
             try:
                 await self._make_room(slot, key, n)
             except CapacityError:
                 if strict:
                     raise
-                return False
-            await tier.put(key, chunk)
-            slot.track(key, n, chunk.meta.checksum)
-        return True
+                return None
+            meta = await self._tier_put(tier, key, chunk, summing)
+            slot.track(key, n, meta.checksum)
+        return meta
+
+    @staticmethod
+    async def _tier_put(tier: Tier, key: ChunkKey, chunk: Chunk, summing: bool) -> ChunkMeta:
+        if summing:
+            return await tier.put_summing(key, chunk)
+        await tier.put(key, chunk)
+        return chunk.meta
 
     async def _make_room(self, slot: Slot, key: ChunkKey, n: int) -> None:
         ns = key.namespace
@@ -289,7 +307,7 @@ class StoreCore:
                 if chunk is not None:
                     with chunk:
                         try:
-                            if await self._admit(nxt, key, chunk, strict=False):
+                            if await self._admit(nxt, key, chunk, strict=False) is not None:
                                 slot.counters.demotions += 1
                                 slot.ns_moves[key.namespace].demotions += 1
                                 dest = nxt.tier.name
@@ -336,7 +354,7 @@ class StoreCore:
         top = self._slots[0]
         if key in top.sizes or chunk.meta.nbytes > self._capacity(top):
             return
-        if await self._admit(top, key, chunk, strict=False):
+        if await self._admit(top, key, chunk, strict=False) is not None:
             source.counters.promotions += 1
             source.ns_moves[key.namespace].promotions += 1
 

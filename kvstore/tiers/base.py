@@ -28,12 +28,14 @@ same interface; in-memory tiers simply never suspend in the fast path.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from kvstore.chunk import Chunk
+from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.keys import ChunkKey
 
 
@@ -59,6 +61,10 @@ class TierStats:
     used_bytes: int
     chunks: int
     counters: TierCounters = field(default_factory=TierCounters)
+
+
+#: Payloads at least this large are checksummed off the event loop (xxh3: ~0.3 ms per 8 MiB).
+SUM_THREAD_MIN = 8 << 20
 
 
 class Tier(ABC):
@@ -95,6 +101,17 @@ class Tier(ABC):
 
     @abstractmethod
     async def put(self, key: ChunkKey, chunk: Chunk) -> None: ...
+
+    async def put_summing(self, key: ChunkKey, chunk: Chunk) -> ChunkMeta:
+        """Store ``chunk``, whose ``meta.checksum`` is not set yet; the metadata
+        stored, with the checksum of the bytes stored.  Default: checksum the
+        payload (in a thread when large), then :meth:`put`.  Memory tiers
+        checksum their own copy instead."""
+        data = chunk.payload
+        got = await asyncio.to_thread(checksum, data) if data.nbytes >= SUM_THREAD_MIN else checksum(data)
+        meta = dataclasses.replace(chunk.meta, checksum=got)
+        await self.put(key, Chunk(meta, data))
+        return meta
 
     @abstractmethod
     async def get(self, key: ChunkKey) -> Chunk | None: ...

@@ -25,9 +25,13 @@ import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
+from kvstore.chunk import checksum
+
+T = TypeVar("T")
 #: Parts are cut at multiples of this (pages: neither side shares a page between threads).
 PART_ALIGN = 4096
 
@@ -107,6 +111,20 @@ class Copier:
         pieces = [self._pool.submit(_copy_part, _tensor(d), _tensor(s)) for d, s in self.parts(dst, src)]
         return _all_done(loop, pieces)
 
+    def start_summed(self, dst: memoryview, src: Buffer) -> asyncio.Future[int]:
+        """:meth:`start`, then the xxh3 checksum of ``dst`` as written, computed by
+        the thread that copied (one trip through the pool for both)."""
+        loop = asyncio.get_running_loop()
+        if dst.nbytes <= self._inline_max or self._pool is None:
+            summed: asyncio.Future[int] = loop.create_future()
+            summed.set_result(self._copy_and_sum(dst, src))
+            return summed
+        return asyncio.wrap_future(self._pool.submit(self._copy_and_sum, dst, src), loop=loop)
+
+    def _copy_and_sum(self, dst: memoryview, src: Buffer) -> int:
+        self.copy_now(dst, src)
+        return checksum(dst)
+
     async def copy(self, dst: Buffer, src: Buffer) -> None:
         """Copy ``src`` into ``dst``; if cancelled, the copy is still finished in the background."""
         await finish(self.start(dst, src))
@@ -140,16 +158,15 @@ def _copy_part(dst: Buffer, src: Buffer) -> None:
         _tensor(dst).copy_(_tensor(src))
 
 
-async def finish(fut: asyncio.Future[None]) -> None:
+async def finish(fut: asyncio.Future[T]) -> T:
     """Wait for ``fut`` (from :meth:`Copier.start`) without cancelling it if the
     caller is cancelled; one that is done already costs no trip through the loop."""
     if fut.done():
-        fut.result()
-        return
-    await asyncio.shield(fut)
+        return fut.result()
+    return await asyncio.shield(fut)
 
 
-def when_done(fut: asyncio.Future[None], fn: Callable[[], object]) -> None:
+def when_done(fut: asyncio.Future[T], fn: Callable[[], object]) -> None:
     """Run ``fn`` once ``fut`` (from :meth:`Copier.start`) is done, however it ends."""
     fut.add_done_callback(lambda _f: fn())
 

@@ -21,10 +21,12 @@ the copy threads have finished with it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +36,9 @@ from kvstore.keys import ChunkKey
 from kvstore.tiers.allocator import FreeListAllocator
 from kvstore.tiers.base import Tier
 from kvstore.tiers.copier import Copier, finish, when_done
+
+T = TypeVar("T")
+D = TypeVar("D", torch.Tensor, memoryview, torch.Tensor | memoryview)
 
 # torch.frombuffer warns once about read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -163,6 +168,24 @@ class MemoryTier(Tier):
 
     # -- data path -------------------------------------------------------
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
+        off, dst = self._reserve(chunk)
+        await self._copy_in(off, self._copier().start, dst, chunk.payload)
+        self._publish(key, off, chunk.meta)
+
+    async def put_summing(self, key: ChunkKey, chunk: Chunk) -> ChunkMeta:
+        """The checksum of the copy in the arena, computed by the thread that
+        copied it right after: the bytes it describes are the bytes stored."""
+        if self._bytes is None:  # device memory
+            return await super().put_summing(key, chunk)
+        off, _ = self._reserve(chunk)
+        dst = self._bytes[off : off + chunk.meta.nbytes]
+        got = await self._copy_in(off, self._copier().start_summed, dst, chunk.payload)
+        meta = dataclasses.replace(chunk.meta, checksum=got)
+        self._publish(key, off, meta)
+        return meta
+
+    def _reserve(self, chunk: Chunk) -> tuple[int, torch.Tensor | memoryview]:
+        """A block for ``chunk``'s payload: its offset and where to copy it."""
         arena = self._require_open()
         n = chunk.meta.nbytes
         if chunk.payload.nbytes != n:
@@ -173,24 +196,29 @@ class MemoryTier(Tier):
                 f"tier {self.name!r} has no free block of {n} bytes "
                 f"(used {self._alloc.used} of {self._alloc.capacity})"
             )
-        dst: torch.Tensor | memoryview = arena[off : off + n] if self._bytes is None else self._bytes[off : off + n]
+        return off, arena[off : off + n] if self._bytes is None else self._bytes[off : off + n]
+
+    async def _copy_in(self, off: int, start: Callable[[D, memoryview], asyncio.Future[T]], dst: D, src: memoryview) -> T:
+        """Run the copy ``start(dst, src)`` into the block at ``off``; on failure or
+        cancellation free the block, once no copy thread writes into it any more."""
         try:
-            copying = self._copier().start(dst, chunk.payload)
+            copying = start(dst, src)
         except BaseException:
             self._alloc.free(off)
             raise
         try:
-            await finish(copying)
+            return await finish(copying)
         except BaseException:
-            # A copy thread may still be writing into the block.
             when_done(copying, lambda: self._alloc.free(off))
             raise
+
+    def _publish(self, key: ChunkKey, off: int, meta: ChunkMeta) -> None:
         old = self._index.get(key)
-        self._index[key] = _Entry(off, chunk.meta)
+        self._index[key] = _Entry(off, meta)
         if old is not None:
             self._retire(old)
         self.counters.puts += 1
-        self.counters.bytes_written += n
+        self.counters.bytes_written += meta.nbytes
 
     async def get(self, key: ChunkKey) -> Chunk | None:
         arena = self._require_open()

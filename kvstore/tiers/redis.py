@@ -65,7 +65,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from kvstore.chunk import Chunk, ChunkMeta
+from kvstore.chunk import Chunk
 from kvstore.errors import Closed, CorruptChunk, RemoteUnavailable
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Tier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.chunk import Chunk
+from kvstore.chunk import Chunk, checksum
 from kvstore.errors import CapacityError, ConfigError, CorruptChunk, QuotaExceeded
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.pins import PinTable
@@ -267,3 +268,39 @@ def test_store_invariants(ops: list[tuple[str, int, int]], policy: str) -> None:
             await store.close()
 
     asyncio.run(run())
+
+
+async def test_summing_put_stores_the_checksum_of_the_stored_bytes_everywhere(tmp_path: Path) -> None:
+    """put(summing=True): the caller's checksum is ignored; the top tier checksums its copy,
+    and the write-through copy on disk carries the same checksum (it verifies when read back)."""
+    disk = DiskTier("disk", DiskTierConfig(path=tmp_path, capacity_bytes=64 * MiB))
+    data = payload(7, 3 * MiB)
+    async with TieredStore([(cpu("cpu", 16 * MiB), TierSettings()), (disk, TierSettings(write_through=True))]) as store:
+        unsummed = Chunk(dataclasses.replace(Chunk.from_bytes(data).meta, checksum=12345), memoryview(data))
+        assert await store.put(key(1), unsummed, durable=True, summing=True) == "cpu"
+        got = await store.get(key(1))
+        assert got is not None
+        with got:
+            got.verify()
+            assert got.meta.checksum == checksum(data)
+        on_disk = await disk.get(key(1))
+        assert on_disk is not None
+        with on_disk:
+            on_disk.verify()
+            assert on_disk.meta.checksum == checksum(data) and bytes(on_disk.payload) == data
+        # The same value put again with its checksum is recognised as already held.
+        assert await store.put(key(1), Chunk.from_bytes(data)) == "cpu"
+
+
+async def test_summing_put_into_a_top_tier_that_cannot_sum_its_copy(tmp_path: Path) -> None:
+    """A disk tier on top: the payload is checksummed before the put (Tier.put_summing's default)."""
+    disk = DiskTier("disk", DiskTierConfig(path=tmp_path, capacity_bytes=64 * MiB))
+    data = payload(8, 9 * MiB)  # large: checksummed in a thread
+    async with TieredStore([(disk, TierSettings())]) as store:
+        unsummed = Chunk(dataclasses.replace(Chunk.from_bytes(b"").meta, nbytes=len(data)), memoryview(data))
+        await store.put(key(2), unsummed, summing=True)
+        assert await read(store, key(2)) == data
+        chunk = await disk.get(key(2))
+        assert chunk is not None
+        with chunk:
+            assert chunk.meta.checksum == checksum(data)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
-from kvstore.chunk import Chunk
+from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.errors import CapacityError, Closed, ConfigError, InvalidArgument
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.cpu import CpuTier, CpuTierConfig
 from kvstore.tiers.gpu import GpuTier, GpuTierConfig
-from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.memory import MemoryTier, tensor_view
 
 MiB = 1 << 20
 
@@ -137,3 +138,68 @@ async def test_gpu_tier_round_trip() -> None:
 
 def test_memory_tier_is_the_shared_base() -> None:
     assert issubclass(CpuTier, MemoryTier) and issubclass(GpuTier, MemoryTier)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 3 * MiB + 5, 12 * MiB])
+async def test_put_summing_checksums_the_stored_copy(size: int) -> None:
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=32 * MiB, prefault=False))
+    await t.open()
+    try:
+        data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+        unsummed = Chunk(ChunkMeta(nbytes=size, checksum=0), memoryview(data))
+        meta = await t.put_summing(key(1), unsummed)
+        assert meta.checksum == checksum(data) and meta.nbytes == size
+        chunk = await t.get(key(1))
+        assert chunk is not None
+        with chunk:
+            assert chunk.meta == meta and bytes(chunk.payload) == data
+            chunk.verify()
+    finally:
+        await t.close()
+
+
+async def test_put_summing_describes_the_bytes_stored_while_the_source_changes() -> None:
+    """A client rewriting its buffer during a put cannot leave bytes that fail their checksum."""
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=256 * MiB, prefault=False))
+    await t.open()
+    src = torch.zeros(64 * MiB, dtype=torch.uint8)
+    stop = threading.Event()
+
+    def scribble() -> None:
+        i = 0
+        while not stop.is_set():
+            src[(i * 4099) % src.numel()] = i % 251 + 1
+            i += 1
+
+    writer = threading.Thread(target=scribble)
+    writer.start()
+    try:
+        for i in range(6):
+            meta = await t.put_summing(key(i % 2), Chunk(ChunkMeta(nbytes=src.numel(), checksum=0), tensor_view(src)))
+            chunk = await t.get(key(i % 2))
+            assert chunk is not None
+            with chunk:
+                assert checksum(chunk.payload) == meta.checksum
+    finally:
+        stop.set()
+        writer.join()
+        await t.close()
+
+
+async def test_put_summing_cancelled_frees_its_block_after_the_copy() -> None:
+    t = CpuTier("cpu", CpuTierConfig(capacity_bytes=64 * MiB, prefault=False))
+    await t.open()
+    try:
+        task = asyncio.create_task(t.put_summing(key(1), Chunk(ChunkMeta(nbytes=32 * MiB, checksum=0), memoryview(bytes(32 * MiB)))))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not t.contains(key(1))
+        for _ in range(100):
+            if t.used_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert t.used_bytes == 0
+    finally:
+        await t.close()
