@@ -14,6 +14,10 @@ state; the service calls it at the entry of its handlers:
   buffer: the buffers of puts being received must stay under
   ``max_inflight_bytes``, and the daemon's resident memory must stay under
   ``max_memory_bytes`` whatever arrives next (see "Memory accounting");
+* :meth:`Limits.hold_read` when a get reads a chunk from a tier that hands
+  out copies (disk, Redis, a peer, device memory): the copy is charged
+  against ``max_memory_bytes`` while the get holds it, and a get that could
+  pass the bound is refused;
 * :meth:`Limits.make_room_for_tenant` before a chunk is admitted: a tenant
   with a quota evicts its own chunks (all its models together) to make room,
   and is refused only when what is left is pinned.
@@ -203,7 +207,8 @@ class Limits:
     async def stream(self, client: str, *, put: bool = False) -> _StreamSlot:
         """A slot for one stream of ``client`` (its connection); release it with ``with``.
         A Put stream is refused at once when its transport allowance would not fit
-        under the memory bound (a Get stream is counted, never refused for memory)."""
+        under the memory bound (a Get stream is counted here; what it reads is
+        charged by :meth:`hold_read`)."""
         cfg = self.config
         if put and cfg.max_memory_bytes:
             self._check_memory(self.stream_allowance, what="a new Put stream")
@@ -334,6 +339,16 @@ class Limits:
             "retry later, or raise server.limits.max_memory"
         )
 
+    def hold_read(self, n: int, *, what: str) -> _ReadHold:
+        """Charge the copy of a chunk (``n`` bytes) that a get holds while serving
+        it (read from disk, Redis, a peer, device memory), refusing it with
+        CapacityError (RESOURCE_EXHAUSTED) when it could take resident memory past
+        the bound; release the charge with ``with`` once the copy is dropped."""
+        if self.config.max_memory_bytes and n:
+            self._check_memory(n, what=what)
+        self._growth += n
+        return _ReadHold(self, n)
+
     # -- tenant quotas ---------------------------------------------------------------
     def tenant_quota(self, tenant: str) -> int | None:
         return self._quotas.get(tenant)
@@ -378,6 +393,26 @@ class Limits:
                     f"tenant {tenant!r} is at its quota of {quota} bytes in tier {tier.name!r} "
                     "and the rest of what it holds there is pinned or being read"
                 )
+
+
+class _ReadHold:
+    """A get's charge for the chunk copy it holds; released on exit exactly once."""
+
+    __slots__ = ("_limits", "_n")
+
+    def __init__(self, limits: Limits, n: int) -> None:
+        self._limits, self._n = limits, n
+
+    def __enter__(self) -> _ReadHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        n, self._n = self._n, 0
+        if n:
+            limits = self._limits
+            limits._growth -= n  # noqa: SLF001 - the charge taken in hold_read
+            # Freed to the heap, it may stay resident: charged until the next reading.
+            limits._unseen += n  # noqa: SLF001
 
 
 class _StreamSlot:

@@ -11,6 +11,7 @@ in worker threads (xxhash and torch release the GIL), off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -289,20 +290,44 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         with slot:
             for i, key in enumerate(keys):
                 started, tier = time.perf_counter(), self._store.locate(key)
-                chunk = await self._store.get(key)
-                if chunk is None:
-                    self._metrics.record_miss(key)
-                    yield pb.GetFrame(header=pb.GetHeader(index=i, key=request.keys[i], found=False))
-                    continue
-                with chunk:
-                    yield pb.GetFrame(
-                        header=pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
-                    )
-                    payload = chunk.payload
-                    for off in range(0, chunk.meta.nbytes, frame):
-                        # Encoded (copied) by frames.encode when sent, before we resume.
-                        yield payload[off : off + frame]
+                with contextlib.ExitStack() as held:
+                    try:
+                        chunk = await self._fetch(key, held)
+                    except KVStoreError as exc:
+                        await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+                        return
+                    if chunk is None:
+                        self._metrics.record_miss(key)
+                        yield pb.GetFrame(header=pb.GetHeader(index=i, key=request.keys[i], found=False))
+                        continue
+                    with chunk:
+                        yield pb.GetFrame(
+                            header=pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
+                        )
+                        payload = chunk.payload
+                        for off in range(0, chunk.meta.nbytes, frame):
+                            # Encoded (copied) by frames.encode when sent, before we resume.
+                            yield payload[off : off + frame]
                 self._metrics.record_read(key, tier, chunk.meta.nbytes, time.perf_counter() - started)
+
+    async def _fetch(self, key: ChunkKey, held: contextlib.ExitStack) -> Chunk | None:
+        """``key``'s chunk for a get, or None; when it is a copy made for this get
+        (read from disk, Redis, a peer, device memory), its memory is charged
+        against the daemon's bound until ``held`` closes (Limits.hold_read), and
+        a get that could take the daemon past it is refused."""
+        cost = self._store.read_copy_bytes(key)
+        if cost:
+            held.enter_context(self.limits.hold_read(cost, what=f"a get of {cost} bytes read from a lower tier"))
+        chunk = await self._store.get(key)
+        if chunk is not None and cost is None:
+            # Found where the store cannot tell the size beforehand (Redis, a peer): a copy.
+            try:
+                n = chunk.meta.nbytes
+                held.enter_context(self.limits.hold_read(n, what=f"a get of {n} bytes read from a remote tier"))
+            except BaseException:
+                chunk.release()
+                raise
+        return chunk
 
     # -- small batched RPCs ----------------------------------------------------
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.LookupReply:
@@ -428,17 +453,18 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         results = []
         for key, dst in targets:
             started, tier = time.perf_counter(), self._store.locate(key)
-            chunk = await self._store.get(key)
-            if chunk is None:
-                self._metrics.record_miss(key)
-                results.append(pb.ShmGetResult(found=False))
-                continue
-            n = chunk.meta.nbytes
-            if n > dst.nbytes:
-                chunk.release()
-                results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
-                continue
-            await self._copy_out(chunk, dst[:n])
+            with contextlib.ExitStack() as held:
+                chunk = await self._fetch(key, held)
+                if chunk is None:
+                    self._metrics.record_miss(key)
+                    results.append(pb.ShmGetResult(found=False))
+                    continue
+                n = chunk.meta.nbytes
+                if n > dst.nbytes:
+                    chunk.release()
+                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
+                    continue
+                await self._copy_out(chunk, dst[:n])
             results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
             self._metrics.record_read(key, tier, n, time.perf_counter() - started)
         return pb.ShmGetReply(results=results)

@@ -69,6 +69,19 @@ class TieredStore(StoreCore):
                 return slot.tier.name
         return None
 
+    def read_copy_bytes(self, key: ChunkKey) -> int | None:
+        """What a get of ``key`` would hold in memory outside the tiers while it is
+        served: 0 for a view of a host memory tier (or a miss), the chunk's size
+        for a copy (disk, device memory), None when unknown until read (a tier
+        the store does not manage, such as Redis, may have it)."""
+        for slot in self._slots:
+            if not slot.tier.managed:
+                return None
+            n = slot.sizes.get(key)
+            if n is not None:
+                return 0 if slot.tier.serves_views else n
+        return 0
+
     def quota(self, namespace: Namespace) -> int | None:
         return self._quotas.get(namespace)
 

@@ -78,6 +78,12 @@ class Tier(ABC):
         self.name = name
         self.counters = TierCounters()
 
+    @property
+    def serves_views(self) -> bool:
+        """Whether :meth:`get` hands out views of memory the tier holds anyway (a
+        host memory tier), rather than copies made for the reader."""
+        return False
+
     async def open(self) -> None:
         """Prepare the tier (allocate, scan, connect).  Default: nothing."""
 

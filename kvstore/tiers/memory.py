@@ -145,6 +145,10 @@ class MemoryTier(Tier):
             raise Closed(f"tier {self.name!r} is not open")
         return self._arena
 
+    @property
+    def serves_views(self) -> bool:
+        return self._bytes is not None
+
     # -- size ------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -171,6 +172,70 @@ def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
         raw_put(stub(ch), [(key(7777), blob(7, 4 * MiB))])
         assert raw_get(stub(ch), [key(7777)]) == [blob(7, 4 * MiB)]
     assert resident_bytes(d.proc.pid) <= bound  # type: ignore[union-attr]
+
+
+GET_CLIENTS, GET_ROUNDS, GET_CHUNK, GET_KEYS = 8, 3, 32 * MiB, 6
+
+
+def disk_only(path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, **server},
+        "tiers": [{"name": "disk", "kind": "disk", "capacity": "1GiB", "path": str(path), "on_evict": "drop"}],
+    }
+
+
+def test_memory_bound_counts_the_copies_gets_read_from_disk(
+    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A get served from disk holds a copy of its chunk while it streams: those copies
+    are charged against the bound, and a get that could pass it is refused."""
+    values = {key(500 + i): blob(50 + i, GET_CHUNK) for i in range(GET_KEYS)}
+    probe = daemon_factory(disk_only(tmp_path / "probe"), name="probe-get")
+    with own_channel(probe.address) as ch:
+        raw_put(stub(ch), [(key(0), blob(0, MiB))])
+        raw_get(stub(ch), [key(0)])
+    idle = resident_bytes(probe.proc.pid)  # type: ignore[union-attr]
+    probe.stop()
+    bound = idle + 96 * MiB
+    d = daemon_factory(disk_only(tmp_path / "bounded", limits={"max_memory": bound}), name="bounded-get")
+    with own_channel(d.address) as ch:
+        for k, v in values.items():  # one at a time: each put fits
+            raw_put(stub(ch), [(k, v)])
+    served: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def reader(w: int) -> None:
+        # 8 readers of 32 MiB chunks at once: their copies alone would be 256 MiB.
+        with own_channel(d.address) as ch:
+            for r in range(GET_ROUNDS):
+                k = list(values)[(w + r) % GET_KEYS]
+                try:
+                    got = raw_get(stub(ch), [k], frame_bytes=4 * MiB)
+                except grpc.RpcError as err:
+                    details = err.details() or ""
+                    assert err.code() == EXHAUSTED, (err.code(), details)
+                    assert "memory bound" in details and "lower tier" in details, details
+                    with lock:
+                        refused.append(k)
+                    continue
+                assert got == [values[k]], k
+                with lock:
+                    served.append(k)
+
+    with PeakSampler(d.proc.pid) as rss:  # type: ignore[union-attr]
+        with ThreadPoolExecutor(GET_CLIENTS) as pool:
+            list(pool.map(reader, range(GET_CLIENTS)))
+    summary = (
+        f"idle {idle / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB, peak {rss.peak / MiB:.0f} MiB "
+        f"({rss.samples} samples), {len(served)} gets served, {len(refused)} refused"
+    )
+    print(summary)
+    assert served and refused, summary
+    assert rss.peak <= bound, summary
+    with own_channel(d.address) as ch:  # refusal is not permanent
+        k = next(iter(values))
+        assert raw_get(stub(ch), [k]) == [values[k]]
 
 
 def test_inflight_bound(daemon_factory: Callable[..., DaemonProcess]) -> None:
