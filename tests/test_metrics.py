@@ -21,11 +21,14 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from kvstore.chunk import Chunk
 from kvstore.client import Client
+from kvstore.errors import ConfigError
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
+from kvstore.server.auth import TokenTable
 from kvstore.store import TieredStore, TierSettings
 from kvstore.tiers.cpu import CpuTier, CpuTierConfig
 from kvstore.v1 import admin_pb2 as apb
@@ -173,6 +176,55 @@ def test_http_endpoint(metered: Callable[..., tuple[DaemonProcess, int]]) -> Non
         s.sendall(b"\x00\x01garbage\r\n\r\n")
         s.recv(1024)
     assert scrape(port)[("kvstore_gets_total", ())] == 0
+
+
+def _get(port: int, token: str | None) -> tuple[int, str, str]:
+    """(status, WWW-Authenticate header, body) of a scrape with this bearer token."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers.get("WWW-Authenticate", ""), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("WWW-Authenticate", ""), err.read().decode()
+
+
+def test_with_a_token_file_only_metrics_and_admin_tokens_scrape(tmp_path: Path) -> None:
+    """The figures name every tenant's namespaces: with auth on, a scrape needs a metrics
+    (or admin) token, and a metrics token reads no data."""
+    scraper, admin, reader = "scrape-token-0123456789", "admin-token-0123456789", "acme-token-0123456789"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        yaml.safe_dump(
+            {"tokens": [{"token": scraper, "role": "metrics"}, {"token": admin, "role": "admin"},
+                        {"token": reader, "tenant": "acme", "role": "read"}]}
+        )
+    )
+    port = free_port()
+    with DaemonProcess(tmp_path / "d", cpu_only("8MiB", metrics_port=port, token_file=str(tokens))) as d:
+        status, challenge, body = _get(port, None)
+        assert status == 401 and challenge.startswith("Bearer") and "metrics or admin token" in body
+        assert _get(port, "not-a-known-token-000")[0] == 401
+        status, _, body = _get(port, reader)
+        assert status == 403 and "role 'read' may not scrape metrics" in body
+        for token in (scraper, admin):
+            status, _, body = _get(port, token)
+            assert status == 200 and "# TYPE kvstore_gets_total counter" in body
+        with grpc.insecure_channel(d.address) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.KVStoreStub(ch).Exists(
+                    pb.ExistsRequest(keys=[key(1, tenant="acme")]), metadata=[("authorization", f"Bearer {scraper}")]
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "metrics token may only scrape metrics" in (err.value.details() or "")
+
+
+def test_a_metrics_token_has_no_tenant(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(yaml.safe_dump({"tokens": [{"token": "scrape-token-0123456789", "role": "metrics", "tenant": "acme"}]}))
+    with pytest.raises(ConfigError, match=r"tokens\[0\]\.tenant: a metrics token .* has no tenant"):
+        TokenTable.load(path)
 
 
 def test_metrics_port_conflict_fails_the_start(tmp_path: Path) -> None:

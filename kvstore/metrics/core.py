@@ -14,6 +14,7 @@ from kvstore.store import NamespaceMoves, TieredStore
 
 if TYPE_CHECKING:
     from kvstore.metrics.http import MetricsServer
+    from kvstore.server.auth import TokenTable
     import grpc
 
 #: Seconds a tier stays unhealthy after its error count last grew.
@@ -306,10 +307,11 @@ class Metrics:
         """Everything in the Prometheus text exposition format."""
         return generate_latest(self.registry)
 
-    async def serve(self, host: str, port: int) -> MetricsServer:
-        """Serve ``GET /metrics`` over HTTP on ``host:port`` (0 = any free port)."""
+    async def serve(self, host: str, port: int, tokens: TokenTable | None = None) -> MetricsServer:
+        """Serve ``GET /metrics`` over HTTP on ``host:port`` (0 = any free port);
+        with ``tokens``, to metrics and admin tokens only."""
         from kvstore.metrics.http import MetricsServer
 
-        server = MetricsServer(self)
+        server = MetricsServer(self, tokens)
         await server.start(host, port)
         return server

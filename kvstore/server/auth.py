@@ -5,12 +5,15 @@ The token file is YAML::
     tokens:
       - token: "s3cret-a"      # at least 16 characters
         tenant: acme
-        role: readwrite         # read | readwrite | admin
+        role: readwrite         # read | readwrite | admin | metrics
 
 A request carries ``authorization: Bearer <token>``.  ``read`` may get,
 lookup and check existence; ``readwrite`` may also put and delete; ``admin``
 may do all that for *every* tenant and use the admin service.  Other roles
-act only on keys whose tenant is their own.  Without a token file the daemon
+act only on keys whose tenant is their own.  ``metrics`` (no tenant) may
+only scrape the Prometheus endpoint, which with a token file configured
+answers only ``metrics`` and ``admin`` tokens: its figures name every
+tenant's namespaces.  Without a token file the daemon
 runs open: every request acts as an admin of the tenant named in its keys.
 
 An admin entry names no tenant: its reach is every tenant, and a file that
@@ -35,8 +38,10 @@ import yaml
 from kvstore.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 from kvstore.keys import ChunkKey, Namespace
 
-Role = Literal["read", "readwrite", "admin"]
-ROLES: tuple[Role, ...] = ("read", "readwrite", "admin")
+Role = Literal["read", "readwrite", "admin", "metrics"]
+ROLES: tuple[Role, ...] = ("read", "readwrite", "admin", "metrics")
+#: Roles that act on no tenant's keys in particular.
+_UNSCOPED: tuple[Role, ...] = ("admin", "metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +52,9 @@ class Principal:
     def __post_init__(self) -> None:
         if self.role == "admin" and self.tenant is not None:
             raise ValueError(f"an admin acts on every tenant; it cannot be scoped to tenant {self.tenant!r}")
-        if self.role != "admin" and self.tenant is None:
+        if self.role == "metrics" and self.tenant is not None:
+            raise ValueError(f"a metrics principal reads no tenant's data; it cannot be scoped to tenant {self.tenant!r}")
+        if self.role not in _UNSCOPED and self.tenant is None:
             raise ValueError(f"a {self.role!r} principal needs a tenant")
 
     def can_write(self) -> bool:
@@ -57,6 +64,8 @@ class Principal:
         self.check_namespace(key.namespace, write=write)
 
     def check_namespace(self, ns: Namespace, *, write: bool = False) -> None:
+        if self.role == "metrics":
+            raise PermissionDenied("a metrics token may only scrape metrics; use a read or readwrite token for data")
         if write and not self.can_write():
             raise PermissionDenied(f"role {self.role!r} may not write; a readwrite or admin token is needed")
         if self.role != "admin" and self.tenant is not None and ns.tenant != self.tenant:
@@ -66,6 +75,9 @@ class Principal:
     def require_admin(self) -> None:
         if self.role != "admin":
             raise PermissionDenied("this operation needs a token with the admin role")
+
+    def may_scrape_metrics(self) -> bool:
+        return self.role in _UNSCOPED
 
 
 OPEN = Principal(tenant=None, role="admin")
@@ -108,6 +120,12 @@ class TokenTable:
                         f"{where}.tenant: an admin token acts on every tenant and on the admin service, "
                         f"so it cannot be limited to tenant {tenant!r}; remove 'tenant' from this entry for "
                         f"an admin, or give it role readwrite (or read) for a token of tenant {tenant!r} only"
+                    )
+            elif role == "metrics":
+                if tenant is not None:
+                    raise ConfigError(
+                        f"{where}.tenant: a metrics token scrapes the figures of every tenant and reads no "
+                        f"data, so it has no tenant; remove 'tenant' from this entry"
                     )
             else:
                 if not isinstance(tenant, str):

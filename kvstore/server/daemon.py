@@ -117,7 +117,7 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.store = build_store(cfg)
-        tokens = TokenTable.load(cfg.server.token_file) if cfg.server.token_file else None
+        self._tokens = tokens = TokenTable.load(cfg.server.token_file) if cfg.server.token_file else None
         self.metrics = Metrics(self.store)
         self.admin = AdminService(self.store, tokens=tokens, metrics=self.metrics)
         self.metrics_server: MetricsServer | None = None
@@ -168,7 +168,7 @@ class Daemon:
             self.port = server.add_insecure_port(addr)
         if self.cfg.server.metrics_port:
             host = self.cfg.server.metrics_host
-            self.metrics_server = await self.metrics.serve(host, self.cfg.server.metrics_port)
+            self.metrics_server = await self.metrics.serve(host, self.cfg.server.metrics_port, self._tokens)
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_server.port)
         await server.start()
         self._server = server

@@ -112,10 +112,13 @@ def test_each_values_file_renders_what_it_says(rendered: dict[str, list[dict[str
     (svc,) = by_kind(rendered["daemonset-hostpath"], "Service")
     assert svc["spec"]["internalTrafficPolicy"] == "Local"
     (secret,) = by_kind(rendered["daemonset-hostpath"], "Secret")
-    assert len(yaml.safe_load(secret["stringData"]["tokens.yaml"])["tokens"]) == 2
+    assert len(yaml.safe_load(secret["stringData"]["tokens.yaml"])["tokens"]) == 3
     (sm,) = by_kind(rendered["daemonset-hostpath"], "ServiceMonitor")  # a CRD: no schema, so checked here
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "kvstore-scrape-token", "key": "token"}
+    }
     assert by_kind(rendered["daemonset-hostpath"], "NetworkPolicy")
 
     sts = workload(rendered["statefulset-pvc"])
@@ -152,6 +155,8 @@ def test_each_values_file_renders_what_it_says(rendered: dict[str, list[dict[str
          "exclusive"),
         (["auth.enabled=true"], "auth.existingSecret or auth.tokens"),
         (["tls.enabled=true"], "tls.existingSecret"),
+        (["auth.enabled=true", "auth.existingSecret=t", "metrics.serviceMonitor.enabled=true"],
+         "metrics.serviceMonitor.bearerTokenSecret"),
         (["kind=Deployment"], "value must be one of"),
         (["tiers.cpu.eviction=fifo"], "value must be one of"),
         (["tiers.cpu.capacity=lots"], "does not match pattern"),
