@@ -499,7 +499,9 @@ class AsyncClient:
         async def run(timeout: float) -> list[Fetched | None]:
             out: list[Fetched | None] = [None] * len(texts)
             call = self._get_call(
-                pb.GetRequest(keys=texts, frame_bytes=self._frame), metadata=self._metadata, timeout=timeout
+                pb.GetRequest(keys=texts, frame_bytes=self._frame, inline_data=True),
+                metadata=self._metadata,
+                timeout=timeout,
             )
             buf: memoryview | None = None
             meta: ChunkMeta | None = None
@@ -521,7 +523,10 @@ class AsyncClient:
                         buf = dest[: meta.nbytes]
                     else:
                         buf = memoryview(bytearray(meta.nbytes))
-                    filled = 0
+                    filled = len(h.data)  # the first frame, inline (GetRequest.inline_data)
+                    if filled > meta.nbytes:
+                        raise RemoteUnavailable("daemon sent more bytes than the chunk has")
+                    buf[:filled] = h.data
                 else:
                     if buf is None or meta is None:
                         raise RemoteUnavailable("daemon sent data without a header")

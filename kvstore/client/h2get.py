@@ -71,6 +71,8 @@ MAX_MESSAGE = (64 << 20) + (64 << 10)
 REFILL = 1 << 30
 #: Receive buffer for frame headers and small messages; payloads bypass it.
 BUFFER = 256 << 10
+#: Bytes of a header message read before looking for its inline data (far more than its small fields).
+HEADER_PEEK = 4 << 10
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 #: HTTP status -> gRPC status when a reply carries no grpc-status (gRPC's http-grpc-status-mapping).
@@ -348,24 +350,51 @@ class H2GetConnection:
             flag, size = struct.unpack(">BI", self._take(5))
             if flag != 0:
                 raise FallBack("compressed message (compression was not asked for)")
-            frame = self._message(size)
-            if frame.WhichOneof("part") != "header":
-                raise FallBack("data frame before any header")
-            header = frame.header
+            header, inline, rest = self._header(size)
             if not header.found:
                 out.append((header, None))
                 continue
             dst = destination(header)
             if len(dst) != header.meta.nbytes:
                 raise ValueError(f"destination of {len(dst)} bytes for a chunk of {header.meta.nbytes}")
-            self._fill(dst, header.key)
+            first = len(inline) + rest
+            if first > len(dst):
+                raise FallBack(f"the daemon sent more bytes than chunk {header.key} has")
+            dst[: len(inline)] = inline
+            self._read_into(dst[len(inline) : first])
+            self._fill(dst, header.key, first)
             out.append((header, dst))
         self._check_status()
         return out
 
-    def _fill(self, dst: memoryview, key: str) -> None:
-        """Read data messages until ``dst`` is full."""
-        filled = 0
+    def _header(self, size: int) -> tuple[pb.GetHeader, bytes, int]:
+        """A header message of ``size`` bytes: the header (without its inline data),
+        the inline data bytes read with it, and how many more of them follow.
+
+        The daemon writes ``GetHeader.data`` (GetRequest.inline_data) last: the
+        small fields are parsed from the first bytes, and the data is left for
+        the caller to read straight into place."""
+        head = self._take(min(size, HEADER_PEEK))
+        if len(head) < size:
+            found = _inline_data_at(head, size)
+            if found is not None:
+                fields_at, data_at, data_len = found
+                try:
+                    header = pb.GetHeader.FromString(head[fields_at : data_at - 1 - _varint_len(data_len)])
+                except Exception as exc:  # DecodeError
+                    raise FallBack(f"undecodable GetHeader: {exc}") from None
+                inline = head[data_at:]
+                return header, inline, data_len - len(inline)
+        frame = self._message(size - len(head), head)
+        if frame.WhichOneof("part") != "header":
+            raise FallBack("data frame before any header")
+        header = frame.header
+        inline = header.data
+        header.ClearField("data")
+        return header, inline, 0
+
+    def _fill(self, dst: memoryview, key: str, filled: int = 0) -> None:
+        """Read data messages until ``dst`` is full (``filled`` bytes are already)."""
         while filled < len(dst):
             if not self._next_message():
                 self._check_status()
@@ -697,6 +726,57 @@ def _data_prefix(head: bytes) -> tuple[int | None, int]:
             return n, i + 1
         shift += 7
     return None, 0
+
+
+def _varint(raw: bytes, at: int) -> tuple[int, int] | None:
+    """(value, position after it) of the varint at ``at``, or None if ``raw`` ends first."""
+    n = shift = 0
+    for i in range(at, min(len(raw), at + 10)):
+        b = raw[i]
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, i + 1
+        shift += 7
+    return None
+
+
+def _varint_len(n: int) -> int:
+    return max(1, -(-n.bit_length() // 7))
+
+
+def _inline_data_at(head: bytes, size: int) -> tuple[int, int, int] | None:
+    """Where ``head`` (the first bytes of a message of ``size`` bytes) has a
+    ``GetFrame{header}`` whose last field is ``GetHeader.data`` running to the
+    end of the message: (start of the header's fields, start of the data, data
+    length); None when it is not laid out so (the caller then parses it whole)."""
+    if not head or head[0] != 0x0A:
+        return None
+    got = _varint(head, 1)
+    if got is None or got[1] + got[0] != size:
+        return None
+    fields_at = pos = got[1]
+    while pos < len(head):
+        tag_at = _varint(head, pos)
+        if tag_at is None:
+            return None
+        tag, pos = tag_at
+        wire = tag & 7
+        if wire == 0:
+            skip = _varint(head, pos)
+            if skip is None:
+                return None
+            pos = skip[1]
+        elif wire == 2:
+            length = _varint(head, pos)
+            if length is None:
+                return None
+            if tag == 0x2A:  # GetHeader.data
+                data_at = length[1]
+                return (fields_at, data_at, length[0]) if data_at + length[0] == size else None
+            pos = length[1] + length[0]
+        else:
+            return None  # GetHeader has no fixed-width fields
+    return None
 
 
 def parse_address(address: str) -> tuple[str, int] | None:

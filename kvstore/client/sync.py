@@ -163,7 +163,7 @@ class Client:
                 raise InvalidArgument(f"output has room for {dest.nbytes} bytes, the chunk has {n}")
             return dest[:n]
 
-        request = pb.GetRequest(keys=texts, frame_bytes=self._aio.frame_bytes)
+        request = pb.GetRequest(keys=texts, frame_bytes=self._aio.frame_bytes, inline_data=True)
         got = self._h2.get(request, metadata=self._aio.metadata, timeout_s=self._aio.timeout_s, destination=destination)
         if got is None:
             return None

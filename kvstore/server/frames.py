@@ -8,11 +8,17 @@ here a data frame is encoded from a memoryview with one join, and decoded as
 a memoryview into the received buffer with no copy.  Headers still go
 through protobuf.  Any standard gRPC client or server interoperates: the
 bytes on the wire are identical.
+
+A :class:`HeaderWithData` is a ``GetFrame`` whose header carries a chunk's
+first data bytes (``GetHeader.data``, for a Get that asked ``inline_data``),
+encoded with one join too, the ``data`` field last: a reader can parse the
+small fields and then take the bytes straight into place (client/h2get.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -21,6 +27,16 @@ from kvstore.errors import InvalidArgument
 
 M = TypeVar("M", bound=Message)
 DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
+HEADER_TAG = 0x0A  # GetFrame.header: field 1, wire type 2
+INLINE_DATA_TAG = 0x2A  # GetHeader.data: field 5, wire type 2
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderWithData:
+    """A GetFrame{header} whose header's ``data`` is ``data`` (the header itself has none)."""
+
+    header: Message
+    data: memoryview
 
 
 def _varint(n: int) -> bytes:
@@ -35,10 +51,16 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def encode(frame: Message | memoryview | bytes) -> bytes:
-    """A header message, or raw data bytes, as a serialised frame."""
+def encode(frame: Message | memoryview | bytes | HeaderWithData) -> bytes:
+    """A header message, raw data bytes, or a header with its first data, as a serialised frame."""
     if isinstance(frame, Message):
         return frame.SerializeToString()
+    if isinstance(frame, HeaderWithData):
+        head = frame.header.SerializeToString()
+        n = len(frame.data)
+        size = _varint(n)
+        body = len(head) + 1 + len(size) + n
+        return b"".join((bytes((HEADER_TAG,)), _varint(body), head, bytes((INLINE_DATA_TAG,)), size, frame.data))
     return b"".join((bytes((DATA_TAG,)), _varint(len(frame)), frame))
 
 

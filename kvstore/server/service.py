@@ -28,6 +28,7 @@ from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal, TokenTable, principal_of
 from kvstore.server.buffers import RecvBuffer
+from kvstore.server.frames import HeaderWithData
 from kvstore.server.limits import Limits
 from kvstore.server.shm import SegmentTable
 from kvstore.server.shm_channel import ShmChannel
@@ -274,7 +275,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     # -- Get -----------------------------------------------------------------
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GetFrame | memoryview]:
+    ) -> AsyncIterator[pb.GetFrame | memoryview | HeaderWithData]:
         self.requests += 1
         try:
             principal = self._principal(context)
@@ -301,12 +302,16 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         yield pb.GetFrame(header=pb.GetHeader(index=i, key=request.keys[i], found=False))
                         continue
                     with chunk:
-                        yield pb.GetFrame(
-                            header=pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
-                        )
+                        header = pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
                         payload = chunk.payload
-                        for off in range(0, chunk.meta.nbytes, frame):
-                            # Encoded (copied) by frames.encode when sent, before we resume.
+                        # Encoded (copied) by frames.encode when sent, before we resume.
+                        first = 0
+                        if request.inline_data:
+                            first = min(frame, chunk.meta.nbytes)
+                            yield HeaderWithData(header, payload[:first])
+                        else:
+                            yield pb.GetFrame(header=header)
+                        for off in range(first, chunk.meta.nbytes, frame):
                             yield payload[off : off + frame]
                 self._metrics.record_read(key, tier, chunk.meta.nbytes, time.perf_counter() - started)
 

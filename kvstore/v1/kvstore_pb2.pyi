@@ -57,24 +57,28 @@ class PutReply(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys", "frame_bytes")
+    __slots__ = ("keys", "frame_bytes", "inline_data")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     frame_bytes: int
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., frame_bytes: _Optional[int] = ...) -> None: ...
+    inline_data: bool
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., frame_bytes: _Optional[int] = ..., inline_data: _Optional[bool] = ...) -> None: ...
 
 class GetHeader(_message.Message):
-    __slots__ = ("index", "key", "found", "meta")
+    __slots__ = ("index", "key", "found", "meta", "data")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     index: int
     key: str
     found: bool
     meta: ChunkMeta
-    def __init__(self, index: _Optional[int] = ..., key: _Optional[str] = ..., found: _Optional[bool] = ..., meta: _Optional[_Union[ChunkMeta, _Mapping]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[str] = ..., found: _Optional[bool] = ..., meta: _Optional[_Union[ChunkMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GetFrame(_message.Message):
     __slots__ = ("header", "data")

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 import kvstore
-from kvstore.client.h2get import H2GetConnection, _data_prefix, _hpack_int, _literal, parse_address
+from kvstore.client.h2get import H2GetConnection, _data_prefix, _hpack_int, _inline_data_at, _literal, parse_address
+from kvstore.server.frames import HeaderWithData, _varint, encode
 from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, key, raw_put, stub
@@ -194,6 +195,30 @@ def test_data_frame_prefixes() -> None:
     assert _data_prefix(b"\x12\x80\x80\x04") == (1 << 16, 4)
     assert _data_prefix(pb.GetFrame(header=pb.GetHeader(key="k")).SerializeToString()) == (None, 0)
     assert _data_prefix(b"\x12\x80") == (None, 0)  # varint cut short
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 5000, 1 << 20])
+def test_a_header_with_inline_data_is_found_in_its_first_bytes(n: int) -> None:
+    header = pb.GetHeader(index=3, key="t/m/" + "f" * 16 + "/s" + "0" * 64, found=True, meta=pb.ChunkMeta(nbytes=n + 9))
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    raw = encode(HeaderWithData(header, memoryview(data)))
+    parsed = pb.GetFrame.FromString(raw)  # what any gRPC client reads
+    assert parsed.header.data == data and parsed.header.key == header.key and parsed.header.meta.nbytes == n + 9
+    fields_at, data_at, length = _inline_data_at(raw[:4096], len(raw)) or (0, 0, -1)
+    assert length == n and raw[data_at:] == data
+    assert pb.GetHeader.FromString(raw[fields_at : data_at - 1 - len(_varint(n))]) == header
+
+
+def test_other_layouts_are_left_to_the_whole_message_parse() -> None:
+    header = pb.GetHeader(index=1, key="k", found=True)
+    # data first, then the other fields: a valid GetHeader, but not the daemon's layout
+    body = b"\x2a\x03abc" + header.SerializeToString()
+    raw = b"\x0a" + bytes([len(body)]) + body
+    assert pb.GetFrame.FromString(raw).header.data == b"abc"
+    assert _inline_data_at(raw[:4], len(raw)) is None
+    assert _inline_data_at(raw, len(raw) + 1) is None  # the frame's length disagrees
+    assert _inline_data_at(b"\x12\x03abc", 5) is None  # a data frame
+    assert _inline_data_at(b"\x0a", 9) is None  # cut short
 
 
 @pytest.mark.parametrize(

@@ -271,6 +271,41 @@ def test_raw_stub_put_and_get_streams(server: DaemonProcess, frame_bytes: int) -
         assert got == [d for _, d in items] + [None]
 
 
+@pytest.mark.parametrize("frame_bytes", [64 << 10, 1 << 20])
+def test_raw_stub_get_with_inline_data(server: DaemonProcess, frame_bytes: int) -> None:
+    """GetRequest.inline_data: each found chunk's first frame rides in its header
+    (GetHeader.data), the rest follows as data frames; a missing key's header has none."""
+    model = f"inline-{frame_bytes}"
+    sizes = [0, 5, frame_bytes - 1, frame_bytes, frame_bytes + 1, 3 * frame_bytes + 7]
+    items = [(key(n, model=model), blob(n, n)) for n in sizes]
+    with channel(server.address) as ch:
+        s = stub(ch)
+        raw_put(s, items)
+        keys = [k for k, _ in items] + [key(999, model=model)]
+        frames = list(s.Get(pb.GetRequest(keys=keys, frame_bytes=frame_bytes, inline_data=True), timeout=60))
+        got: dict[int, bytes] = {}
+        messages: dict[int, int] = {}
+        index = -1
+        for frame in frames:
+            if frame.WhichOneof("part") == "header":
+                index = frame.header.index
+                messages[index] = 1
+                if frame.header.found:
+                    assert len(frame.header.data) == min(frame_bytes, frame.header.meta.nbytes)
+                    got[index] = frame.header.data
+                else:
+                    assert frame.header.data == b""
+            else:
+                messages[index] += 1
+                got[index] += frame.data
+        assert [got.get(i) for i in range(len(keys))] == [d for _, d in items] + [None]
+        # One message per frame: the header is no message of its own.
+        assert [messages[i] for i in range(len(sizes))] == [max(1, -(-n // frame_bytes)) for n in sizes]
+        # Without inline_data the header comes alone, as before.
+        plain = list(s.Get(pb.GetRequest(keys=[keys[1]], frame_bytes=frame_bytes), timeout=60))
+        assert plain[0].header.data == b"" and plain[1].data == blob(5, 5)
+
+
 def test_raw_stub_uneven_frames_and_empty_data_frames(server: DaemonProcess) -> None:
     data = blob(31, 100_003)
 
