@@ -53,6 +53,12 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def checksummer() -> xxhash.xxh3_64:
+    """:func:`checksum` piece by piece: ``update`` with consecutive parts of a
+    payload, then ``intdigest()`` equals ``checksum`` of the whole."""
+    return xxhash.xxh3_64()
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkMeta:
     """What a reader needs to interpret a chunk's payload.

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import torch
 
-from kvstore.chunk import checksum
+from kvstore.chunk import checksummer
 
 T = TypeVar("T")
 #: Parts are cut at multiples of this (pages: neither side shares a page between threads).
@@ -80,19 +80,28 @@ class Copier:
             and _on_host(src)
         )
 
-    def copy_now(self, dst: Buffer, src: Buffer) -> None:
-        """Copy on the calling thread, helped by the pool; returns when done."""
+    def copy_now(self, dst: Buffer, src: Buffer, *, each: Callable[[Buffer], object] | None = None) -> None:
+        """Copy on the calling thread, helped by the pool; returns when done.
+        ``each`` is called with every copied part of ``dst``, in order, on the
+        calling thread, as soon as that part is copied (its own part first,
+        while the pool still copies the others)."""
         parts = self.parts(dst, src)
         if len(parts) == 1 or self._pool is None:
-            _copy_part(*parts[0])
+            _copy_part(dst, src)
+            if each is not None:
+                each(dst)
             return
         helpers = [self._pool.submit(_copy_part, d, s) for d, s in parts[1:]]
         _copy_part(*parts[0])
+        if each is not None:
+            each(parts[0][0])
         for fut, (d, s) in zip(helpers, parts[1:], strict=True):
             if fut.cancel():  # the pool had not started it: do it here
                 _copy_part(d, s)
             else:
                 fut.result()
+            if each is not None:
+                each(d)
 
     def start(self, dst: Buffer, src: Buffer) -> asyncio.Future[None]:
         """Start the copy; the future is done when all of it is.
@@ -122,8 +131,11 @@ class Copier:
         return asyncio.wrap_future(self._pool.submit(self._copy_and_sum, dst, src), loop=loop)
 
     def _copy_and_sum(self, dst: memoryview, src: Buffer) -> int:
-        self.copy_now(dst, src)
-        return checksum(dst)
+        # xxh3 streamed part by part equals xxh3 of the whole: the first part is
+        # summed while the pool still copies the rest, from this core's cache.
+        summed = checksummer()
+        self.copy_now(dst, src, each=lambda part: summed.update(_view(part)))
+        return summed.intdigest()
 
     async def copy(self, dst: Buffer, src: Buffer) -> None:
         """Copy ``src`` into ``dst``; if cancelled, the copy is still finished in the background."""
@@ -144,6 +156,11 @@ def _tensor(b: Buffer) -> torch.Tensor:
     if not b.nbytes:
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(_flat(b), dtype=torch.uint8)
+
+
+def _view(b: Buffer) -> memoryview:
+    """The bytes of a host buffer (a part of a copy's destination)."""
+    return _flat(b) if isinstance(b, memoryview) else memoryview(b.numpy())  # type: ignore[arg-type]
 
 
 def _flat(b: memoryview) -> memoryview:

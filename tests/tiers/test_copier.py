@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from kvstore.chunk import checksum
 from kvstore.tiers.copier import PART_ALIGN, Copier, finish, when_done
 
 MiB = 1 << 20
@@ -137,3 +138,30 @@ async def test_memoryviews_and_tensors_mix(pool: ThreadPoolExecutor, n: int) -> 
     dst.zero_()
     await copier.copy(memoryview(dst.numpy())[: n // 4 * 4], words)
     assert torch.equal(src[: n // 4 * 4], dst[: n // 4 * 4])
+
+
+@pytest.mark.parametrize("n", [0, 7, 2 * MiB, 5 * MiB + 3, 24 * MiB + 1])
+async def test_summed_copies_checksum_what_they_wrote(pool: ThreadPoolExecutor, n: int) -> None:
+    """start_summed streams xxh3 over the parts as they are copied, in order:
+    the digest equals xxh3 of the whole destination, inline or in the pool."""
+    for inline_max in (MiB, 64 * MiB):
+        src, dst = buffers(n, seed=n % 97)
+        copier = Copier(pool, 2, inline_max=inline_max)
+        got = await finish(copier.start_summed(memoryview(dst.numpy()), src))
+        assert torch.equal(src, dst)
+        assert got == checksum(memoryview(dst.numpy()))
+
+
+def test_each_part_is_seen_once_in_order_even_when_taken_back(pool: ThreadPoolExecutor) -> None:
+    release = threading.Event()
+    blockers = [pool.submit(release.wait, 30) for _ in range(2)]
+    try:
+        src, dst = buffers(6 * MiB + 5, seed=4)
+        seen: list[int] = []
+        Copier(pool, 3).copy_now(dst, src, each=lambda part: seen.append(part.data_ptr() - dst.data_ptr()))
+        assert seen == sorted(seen) and len(seen) == 3 and seen[0] == 0
+        assert torch.equal(src, dst)
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
