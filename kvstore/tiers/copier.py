@@ -1,14 +1,14 @@
 """Copies of large chunks in host memory, split over threads.
 
 One core copies 10-13 GB/s between buffers that are not in its caches on the
-2-core benchmark VM; two cores copy the same 16-32 MiB in 60-70 % of the time
-(``python benchmarks/bench_daemon.py`` prints both next to the daemon).  The
-daemon's copies are the body of every shared-memory put and get, and while
-one runs the client is blocked waiting for it, so the copy may use every
-thread the copier was given.
+2-core benchmark VM; two cores copy 16-32 MiB 5-20 % faster, 4 MiB slower
+(waking a pool thread costs about what the second core saves:
+``python benchmarks/bench_copier.py``).  The daemon's copies are the body of
+every shared-memory put and get, and while one runs the client is blocked
+waiting for it, so the copy may use every thread the copier was given.
 
-A :class:`Copier` splits a copy of at least ``split_min`` bytes into one part
-per thread (at 4 KiB boundaries).  Up to ``inline_max`` bytes the calling
+A :class:`Copier` splits a copy of at least ``split_min`` bytes (8 MiB by
+default) into one part per thread (at 4 KiB boundaries).  Up to ``inline_max`` bytes the calling
 thread (the event loop's, in the daemon) copies the first part itself while
 the pool copies the others, and takes back any part the pool has not started
 yet (a pool busy with another chunk never makes the caller wait for it):
@@ -49,7 +49,7 @@ class Copier:
         threads: int,
         *,
         inline_max: int = 8 << 20,
-        split_min: int = 2 << 20,
+        split_min: int = 8 << 20,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")

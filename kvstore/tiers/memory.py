@@ -11,7 +11,7 @@ releases its :class:`Chunk`: a chunk deleted or evicted while readers hold it
 leaves the index at once but its bytes are freed only when the last reader
 releases it (those bytes still count as used, so the capacity holds).
 
-Copies of host memory of 2 MiB and more are split over ``copy_threads``
+Copies of host memory of 8 MiB and more are split over ``copy_threads``
 threads (kvstore/tiers/copier.py; torch releases the GIL while copying), and
 those over ``inline_copy_max`` run in the pool entirely, so a 32 MiB put does
 not stall the event loop; a put cancelled mid-copy frees its block only after

@@ -14,6 +14,8 @@ from kvstore.chunk import checksum
 from kvstore.tiers.copier import PART_ALIGN, Copier, finish, when_done
 
 MiB = 1 << 20
+#: Small enough that the tests' buffers are split (the default is 8 MiB).
+SPLIT = 2 * MiB
 
 
 @pytest.fixture
@@ -32,14 +34,14 @@ def buffers(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("n", [0, 1, 4095, 2 * MiB - 1, 2 * MiB, 2 * MiB + 12345, 9 * MiB + 7])
 def test_copy_now_is_exact_for_every_size(pool: ThreadPoolExecutor, n: int) -> None:
     src, dst = buffers(n, seed=n)
-    Copier(pool, 2).copy_now(dst, src)
+    Copier(pool, 2, split_min=SPLIT).copy_now(dst, src)
     assert torch.equal(src, dst)
 
 
 def test_parts_are_page_aligned_and_cover_the_buffer(pool: ThreadPoolExecutor) -> None:
     n = 3 * MiB + 5
     src, dst = buffers(n)
-    parts = Copier(pool, 3).parts(dst, src)
+    parts = Copier(pool, 3, split_min=SPLIT).parts(dst, src)
     assert len(parts) == 3
     offsets = [d.data_ptr() - dst.data_ptr() for d, _ in parts]
     assert all(o % PART_ALIGN == 0 for o in offsets)
@@ -49,14 +51,14 @@ def test_parts_are_page_aligned_and_cover_the_buffer(pool: ThreadPoolExecutor) -
 
 def test_small_copies_and_single_thread_copiers_are_not_split(pool: ThreadPoolExecutor) -> None:
     src, dst = buffers(MiB)
-    assert len(Copier(pool, 2).parts(dst, src)) == 1  # under split_min
+    assert len(Copier(pool, 2, split_min=SPLIT).parts(dst, src)) == 1  # under split_min
     big_src, big_dst = buffers(4 * MiB)
-    assert len(Copier(pool, 1).parts(big_dst, big_src)) == 1
+    assert len(Copier(pool, 1, split_min=SPLIT).parts(big_dst, big_src)) == 1
     assert len(Copier(None, 2).parts(big_dst, big_src)) == 1
     with pytest.raises(ValueError, match="copy of"):
-        Copier(pool, 2).parts(dst, big_src)
+        Copier(pool, 2, split_min=SPLIT).parts(dst, big_src)
     with pytest.raises(ValueError, match="threads"):
-        Copier(pool, 0)
+        Copier(pool, 0, split_min=SPLIT)
 
 
 def test_a_busy_pool_never_makes_the_caller_wait(pool: ThreadPoolExecutor) -> None:
@@ -68,7 +70,7 @@ def test_a_busy_pool_never_makes_the_caller_wait(pool: ThreadPoolExecutor) -> No
         done = threading.Event()
 
         def run() -> None:
-            Copier(pool, 2).copy_now(dst, src)
+            Copier(pool, 2, split_min=SPLIT).copy_now(dst, src)
             done.set()
 
         t = threading.Thread(target=run)
@@ -84,7 +86,7 @@ def test_a_busy_pool_never_makes_the_caller_wait(pool: ThreadPoolExecutor) -> No
 
 async def test_large_copies_run_in_the_pool_while_the_loop_serves(pool: ThreadPoolExecutor) -> None:
     src, dst = buffers(64 * MiB, seed=5)
-    copier = Copier(pool, 2, inline_max=8 * MiB)
+    copier = Copier(pool, 2, inline_max=8 * MiB, split_min=SPLIT)
     ticks = 0
 
     async def ticker() -> None:
@@ -104,7 +106,7 @@ async def test_large_copies_run_in_the_pool_while_the_loop_serves(pool: ThreadPo
 
 async def test_cancelled_waiter_leaves_the_copy_running_to_its_end(pool: ThreadPoolExecutor) -> None:
     src, dst = buffers(64 * MiB, seed=7)
-    copier = Copier(pool, 2, inline_max=MiB)
+    copier = Copier(pool, 2, inline_max=MiB, split_min=SPLIT)
     fut = copier.start(dst, src)
     complete_at_callback: list[bool] = []
     when_done(fut, lambda: complete_at_callback.append(torch.equal(src, dst)))
@@ -124,7 +126,7 @@ async def test_cancelled_waiter_leaves_the_copy_running_to_its_end(pool: ThreadP
 async def test_memoryviews_and_tensors_mix(pool: ThreadPoolExecutor, n: int) -> None:
     """Byte views (a tier's arena, a client's segment) copy like tensors, split or not."""
     src, dst = buffers(n, seed=11)
-    copier = Copier(pool, 2, inline_max=8 * MiB)
+    copier = Copier(pool, 2, inline_max=8 * MiB, split_min=SPLIT)
     for d, s in [
         (memoryview(dst.numpy()), memoryview(src.numpy())),
         (dst, memoryview(src.numpy())),
@@ -146,7 +148,7 @@ async def test_summed_copies_checksum_what_they_wrote(pool: ThreadPoolExecutor, 
     the digest equals xxh3 of the whole destination, inline or in the pool."""
     for inline_max in (MiB, 64 * MiB):
         src, dst = buffers(n, seed=n % 97)
-        copier = Copier(pool, 2, inline_max=inline_max)
+        copier = Copier(pool, 2, inline_max=inline_max, split_min=SPLIT)
         got = await finish(copier.start_summed(memoryview(dst.numpy()), src))
         assert torch.equal(src, dst)
         assert got == checksum(memoryview(dst.numpy()))
@@ -158,7 +160,7 @@ def test_each_part_is_seen_once_in_order_even_when_taken_back(pool: ThreadPoolEx
     try:
         src, dst = buffers(6 * MiB + 5, seed=4)
         seen: list[int] = []
-        Copier(pool, 3).copy_now(dst, src, each=lambda part: seen.append(part.data_ptr() - dst.data_ptr()))
+        Copier(pool, 3, split_min=SPLIT).copy_now(dst, src, each=lambda part: seen.append(part.data_ptr() - dst.data_ptr()))
         assert seen == sorted(seen) and len(seen) == 3 and seen[0] == 0
         assert torch.equal(src, dst)
     finally:
