@@ -718,14 +718,8 @@ def _data_prefix(head: bytes) -> tuple[int | None, int]:
     """(payload length, bytes of tag + varint) when ``head`` starts a ``data`` field, else (None, 0)."""
     if not head or head[0] != 0x12:
         return None, 0
-    n = shift = 0
-    for i in range(1, min(len(head), 11)):
-        b = head[i]
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i + 1
-        shift += 7
-    return None, 0
+    got = _varint(head, 1)
+    return (None, 0) if got is None else got
 
 
 def _varint(raw: bytes, at: int) -> tuple[int, int] | None:

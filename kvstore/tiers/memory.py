@@ -38,7 +38,6 @@ from kvstore.tiers.base import Tier
 from kvstore.tiers.copier import Copier, finish, when_done
 
 T = TypeVar("T")
-D = TypeVar("D", torch.Tensor, memoryview, torch.Tensor | memoryview)
 
 # torch.frombuffer warns once about read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -173,7 +172,7 @@ class MemoryTier(Tier):
     # -- data path -------------------------------------------------------
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
         off, dst = self._reserve(chunk)
-        await self._copy_in(off, self._copier().start, dst, chunk.payload)
+        await self._copy_in(off, lambda: self._copier().start(dst, chunk.payload))
         self._publish(key, off, chunk.meta)
 
     async def put_summing(self, key: ChunkKey, chunk: Chunk) -> ChunkMeta:
@@ -181,9 +180,9 @@ class MemoryTier(Tier):
         copied it right after: the bytes it describes are the bytes stored."""
         if self._bytes is None:  # device memory
             return await super().put_summing(key, chunk)
-        off, _ = self._reserve(chunk)
-        dst = self._bytes[off : off + chunk.meta.nbytes]
-        got = await self._copy_in(off, self._copier().start_summed, dst, chunk.payload)
+        off, dst = self._reserve(chunk)
+        assert isinstance(dst, memoryview)  # a host arena's block
+        got = await self._copy_in(off, lambda: self._copier().start_summed(dst, chunk.payload))
         meta = dataclasses.replace(chunk.meta, checksum=got)
         self._publish(key, off, meta)
         return meta
@@ -202,11 +201,11 @@ class MemoryTier(Tier):
             )
         return off, arena[off : off + n] if self._bytes is None else self._bytes[off : off + n]
 
-    async def _copy_in(self, off: int, start: Callable[[D, memoryview], asyncio.Future[T]], dst: D, src: memoryview) -> T:
-        """Run the copy ``start(dst, src)`` into the block at ``off``; on failure or
+    async def _copy_in(self, off: int, start: Callable[[], asyncio.Future[T]]) -> T:
+        """Run the copy ``start()`` begins into the block at ``off``; on failure or
         cancellation free the block, once no copy thread writes into it any more."""
         try:
-            copying = start(dst, src)
+            copying = start()
         except BaseException:
             self._alloc.free(off)
             raise

@@ -77,8 +77,10 @@ class NodePool(Generic[C]):
         return await self._connect(node), False
 
     def _give(self, node: Node, conn: C) -> None:
+        # Not checked for usable() here: _take checks before reuse (for the writer that
+        # is a syscall, worth paying once per call, not twice).
         idle = self._idle.setdefault(node, [])
-        if self._closed or not conn.usable() or len(idle) >= self._max_idle:
+        if self._closed or len(idle) >= self._max_idle:
             conn.close()
             return
         idle.append(conn)
