@@ -84,6 +84,11 @@ class TLSFiles:
         return cls(ca=ca, cert=cert, key=key)
 
 
+def clients_named(client: object, name: bytes) -> int:
+    """How many connections of a server carry ``CLIENT SETNAME`` ``name`` (``client``: redis-py)."""
+    return sum(1 for c in client.client_list() if c.get("name") == name.decode())  # type: ignore[attr-defined]
+
+
 class RedisServer:
     """One server process; see the module docstring."""
 
@@ -111,6 +116,11 @@ class RedisServer:
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "server.log"
+
+    @property
+    def node(self) -> tuple[str, int]:
+        """(host, port) as the part reader and writer name a node."""
+        return ("127.0.0.1", self.port)
 
     @property
     def url(self) -> str:

@@ -20,7 +20,7 @@ from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.redis import RedisTier, RedisTierConfig
 from kvstore.tiers.redis_parts import CONNECTION_NAME, BufferPool, Fallback, PartReader, ConnectionAuth
-from tests.support.redis import RedisClusterProcess, RedisServer, redis_cluster, redis_server
+from tests.support.redis import RedisClusterProcess, RedisServer, clients_named, redis_cluster, redis_server
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures, imported for pytest
 
@@ -31,13 +31,6 @@ def _rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _node(server: RedisServer) -> tuple[str, int]:
-    return ("127.0.0.1", server.port)
-
-
-def _named(server_client: object) -> int:
-    clients = server_client.client_list()  # type: ignore[attr-defined]
-    return sum(1 for c in clients if c.get("name") == CONNECTION_NAME.decode())
 
 
 async def test_reads_values_in_place_with_nil_and_empty(redis_server: RedisServer) -> None:
@@ -49,14 +42,14 @@ async def test_reads_values_in_place_with_nil_and_empty(redis_server: RedisServe
     reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         items = [(k, memoryview(b)) for k, b in bufs.items()]
-        found = (await reader.read({_node(redis_server): items}))[_node(redis_server)]
+        found = (await reader.read({redis_server.node: items}))[redis_server.node]
         assert found == [True, True, True, False]
         assert all(bytes(bufs[k]) == v for k, v in values.items())
         # The connection is kept and named; a second batch reuses it.
-        assert _named(r) == 1
+        assert clients_named(r, CONNECTION_NAME) == 1
         again = bytearray(len(values["a"]))
-        assert (await reader.read({_node(redis_server): [("a", memoryview(again))]}))[_node(redis_server)] == [True]
-        assert bytes(again) == values["a"] and _named(r) == 1
+        assert (await reader.read({redis_server.node: [("a", memoryview(again))]}))[redis_server.node] == [True]
+        assert bytes(again) == values["a"] and clients_named(r, CONNECTION_NAME) == 1
     finally:
         reader.close()
 
@@ -66,7 +59,7 @@ async def test_error_or_wrong_size_falls_back_and_keeps_the_stream_in_step(redis
     r.rpush("list", b"x")
     r.set("v", b"12345")
     reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
-    node = _node(redis_server)
+    node = redis_server.node
     try:
         with pytest.raises(Fallback, match="WRONGTYPE"):
             await reader.read({node: [("list", memoryview(bytearray(1)))]})
@@ -77,7 +70,7 @@ async def test_error_or_wrong_size_falls_back_and_keeps_the_stream_in_step(redis
         # Same connection, next batch: replies still line up.
         ok = bytearray(5)
         assert (await reader.read({node: [("v", memoryview(ok))]}))[node] == [True] and ok == b"12345"
-        assert _named(r) == 1
+        assert clients_named(r, CONNECTION_NAME) == 1
     finally:
         reader.close()
 
@@ -86,7 +79,7 @@ async def test_auth_and_database(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "r", password="pa55") as server:
         r = server.client(db=3)
         r.set("k", b"in db 3")
-        node = _node(server)
+        node = server.node
         good = PartReader(ConnectionAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
         bad = PartReader(ConnectionAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
         try:
@@ -103,7 +96,7 @@ async def test_cancelled_read_closes_its_connection(redis_server: RedisServer) -
     r = redis_server.client()
     value = _rand(8 * MiB, 3)
     r.set("big", value)
-    node = _node(redis_server)
+    node = redis_server.node
     reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         assert (await reader.read({node: [("big", memoryview(bytearray(len(value))))]}))[node] == [True]
@@ -119,13 +112,13 @@ async def test_cancelled_read_closes_its_connection(redis_server: RedisServer) -
         assert (await reader.read({node: [("big", memoryview(buf))]}))[node] == [True]
         assert bytes(buf) == value
         await asyncio.sleep(0.1)
-        assert _named(r) == 1
+        assert clients_named(r, CONNECTION_NAME) == 1
     finally:
         reader.close()
 
 
 async def test_pooled_connection_replaced_after_restart(redis_server: RedisServer) -> None:
-    node = _node(redis_server)
+    node = redis_server.node
     reader = PartReader(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         redis_server.client().set("k", b"before")
@@ -167,7 +160,7 @@ async def test_tier_reads_parts_through_the_reader(redis_server: RedisServer) ->
         got = await tier.get(_key(1))
         assert got is not None and bytes(got.payload) == data
         got.release()
-        assert tier.fallbacks == 0 and _named(redis_server.client()) == 1
+        assert tier.fallbacks == 0 and clients_named(redis_server.client(), CONNECTION_NAME) == 1
         # A part replaced by a value of another size: corrupt, a miss, the manifest removed.
         r = redis_server.client()
         part = sorted(k for k in r.keys("rp:p:*"))[0]
@@ -191,6 +184,6 @@ async def test_cluster_parts_come_from_every_master(redis_cluster: RedisClusterP
             assert got is not None and bytes(got.payload) == data
             got.release()
         assert tier.fallbacks == 0
-        assert all(_named(s.client()) >= 1 for s in redis_cluster.nodes)
+        assert all(clients_named(s.client(), CONNECTION_NAME) >= 1 for s in redis_cluster.nodes)
     finally:
         await tier.close()

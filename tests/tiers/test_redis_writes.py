@@ -34,7 +34,7 @@ from kvstore.tiers.breaker import BreakerConfig
 from kvstore.tiers.redis import RedisTier, RedisTierConfig
 from kvstore.tiers.redis_parts import Fallback, ConnectionAuth
 from kvstore.tiers.redis_writes import PUT_MANIFEST_LUA, WRITER_CONNECTION_NAME, PartWriter
-from tests.support.redis import RedisClusterProcess, RedisServer, redis_cluster, redis_server
+from tests.support.redis import RedisClusterProcess, RedisServer, clients_named, redis_cluster, redis_server
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures, imported for pytest
 
@@ -46,13 +46,6 @@ def _rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _node(server: RedisServer) -> tuple[str, int]:
-    return ("127.0.0.1", server.port)
-
-
-def _named(server_client: object) -> int:
-    clients = server_client.client_list()  # type: ignore[attr-defined]
-    return sum(1 for c in clients if c.get("name") == WRITER_CONNECTION_NAME.decode())
 
 
 def _key(i: int) -> ChunkKey:
@@ -90,7 +83,7 @@ async def test_sends_values_from_memory_and_reads_every_reply_kind(redis_server:
     big = _rand(3 * MiB + 7, 1)
     payload = memoryview(bytearray(big))[5:]  # a view into the middle of the caller's buffer
     writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
-    node = _node(redis_server)
+    node = redis_server.node
     try:
         replies = (
             await writer.write(
@@ -111,7 +104,7 @@ async def test_sends_values_from_memory_and_reads_every_reply_kind(redis_server:
         assert 0 < r.pttl("big") <= 60000
         # The connection is kept and named; the next batch reuses it.
         assert (await writer.write({node: [["GET", "empty"]]}))[node] == [b""]
-        assert _named(r) == 1
+        assert clients_named(r, WRITER_CONNECTION_NAME) == 1
     finally:
         writer.close()
 
@@ -120,21 +113,21 @@ async def test_error_reply_falls_back_and_keeps_the_stream_in_step(redis_server:
     r = redis_server.client()
     r.rpush("list", b"x")
     writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
-    node = _node(redis_server)
+    node = redis_server.node
     try:
         with pytest.raises(Fallback, match="WRONGTYPE"):
             await writer.write({node: [["SET", "a", b"1"], ["INCR", "list"], ["SET", "b", b"2"]]})
         assert r.get("a") == b"1" and r.get("b") == b"2"  # pipelined: the rest ran
         # Same connection, next batch: replies still line up.
         assert (await writer.write({node: [["GET", "b"]]}))[node] == [b"2"]
-        assert _named(r) == 1
+        assert clients_named(r, WRITER_CONNECTION_NAME) == 1
     finally:
         writer.close()
 
 
 async def test_auth_and_database(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "r", password="pa55") as server:
-        node = _node(server)
+        node = server.node
         good = PartWriter(ConnectionAuth(password="pa55", db=3), connect_timeout_s=5, max_idle=1)
         bad = PartWriter(ConnectionAuth(password="wrong"), connect_timeout_s=5, max_idle=1)
         try:
@@ -152,14 +145,14 @@ async def test_server_down_is_a_connection_error(tmp_path: Path) -> None:
     writer = PartWriter(ConnectionAuth(), connect_timeout_s=1, max_idle=1)
     try:
         with pytest.raises(ConnectionError):
-            await writer.write({_node(server): [["SET", "k", b"x"]]})
+            await writer.write({server.node: [["SET", "k", b"x"]]})
     finally:
         writer.close()
 
 
 async def test_cancelled_write_closes_its_connection(redis_server: RedisServer) -> None:
     r = redis_server.client()
-    node = _node(redis_server)
+    node = redis_server.node
     value = _rand(32 * MiB, 3)
     writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
@@ -177,13 +170,13 @@ async def test_cancelled_write_closes_its_connection(redis_server: RedisServer) 
         # The cancelled connection was closed, not pooled: a fresh one writes correctly.
         await writer.write({node: [["SET", "big", value]]})
         assert r.get("big") == value
-        assert _named(r) == 1
+        assert clients_named(r, WRITER_CONNECTION_NAME) == 1
     finally:
         writer.close()
 
 
 async def test_pooled_connection_replaced_after_restart(redis_server: RedisServer) -> None:
-    node = _node(redis_server)
+    node = redis_server.node
     writer = PartWriter(ConnectionAuth(), connect_timeout_s=5, max_idle=4)
     try:
         await writer.write({node: [["SET", "k", b"before"]]})
@@ -219,7 +212,7 @@ async def test_tier_puts_through_the_writer(redis_server: RedisServer) -> None:
             got = await tier.get(_key(i))
             assert got is not None and bytes(got.payload) == data
             got.release()
-        assert tier.write_fallbacks == 0 and _named(redis_server.client()) == 1
+        assert tier.write_fallbacks == 0 and clients_named(redis_server.client(), WRITER_CONNECTION_NAME) == 1
     finally:
         await tier.close()
 
@@ -236,7 +229,7 @@ async def test_cluster_puts_through_the_writer(redis_cluster: RedisClusterProces
             assert got is not None and bytes(got.payload) == data
             got.release()
         assert tier.write_fallbacks == 0
-        writers = [_named(s.client()) for s in redis_cluster.nodes]
+        writers = [clients_named(s.client(), WRITER_CONNECTION_NAME) for s in redis_cluster.nodes]
         assert all(writers) if placement == "spread" else any(writers)
     finally:
         await tier.close()
