@@ -188,6 +188,9 @@ class ServerConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
     #: Allow the shared-memory fast path for clients on this host.
     shm: bool = True
+    #: Let those clients read chunks in the CPU tier straight from its memory (read-only),
+    #: skipping a request per get; only without token_file (kvstore/tiers/shared_arena.py).
+    shm_direct_reads: bool = True
     #: Most streams in flight at once (across clients); more wait.
     max_concurrent_streams: int = 256
     #: Seconds to let streams in flight finish on SIGTERM before cancelling them.
@@ -405,7 +408,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 
 # -- building ---------------------------------------------------------------
 _SERVER_FIELDS = {
-    "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm",
+    "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm", "shm_direct_reads",
     "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
 }
 _LIMITS_FIELDS = {"max_memory", "max_inflight", "max_streams_per_client", "stream_wait_s", "tenant_quotas"}
@@ -445,6 +448,7 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
             client_ca=_opt_path(tls.get("client_ca"), "server.tls.client_ca"),
         ),
         shm=_bool(d.get("shm", True), "server.shm"),
+        shm_direct_reads=_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
         max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),
         grace_s=float(_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
         metrics_port=_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),

@@ -12,7 +12,8 @@ For each value size it times, in one run on one machine:
   puts through grpcio, gets through the sync client's own HTTP/2 connection
   (kvstore/client/h2get.py; the note says how many gets took it);
 * ``kvstore-shm``: the daemon through the shared-memory path (values placed
-  in, and read into, buffers of the client's segment);
+  in, and read into, buffers of the client's segment; gets read straight
+  from the daemon's shared CPU arena, see kvstore/tiers/shared_arena.py);
 * the peers a user would pick instead (Redis through redis-py, LMCache's two
   servers through LMCache's own clients), when installed.
 
@@ -218,7 +219,10 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
                 put_s.append(t1 - t0)
                 get_s.append(t2 - t1)
         c.delete(keys)
-        note = "" if shm else f"{c.http2_gets} of {warmup + iters} gets over HTTP/2 reader"
+        if shm:
+            note = f"{c.direct_reads} of {warmup + iters} gets read from the daemon's shared arena"
+        else:
+            note = f"{c.http2_gets} of {warmup + iters} gets over HTTP/2 reader"
     r = summarize("kvstore-shm" if shm else "kvstore-grpc", size, put_s, get_s)
     return dataclasses.replace(r, note=note)
 

@@ -18,6 +18,7 @@ import contextlib
 import mmap
 import os
 import secrets
+import select
 import socket
 import threading
 from pathlib import Path
@@ -25,10 +26,23 @@ from pathlib import Path
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.errors import CapacityError, InvalidArgument, error_for_status
+from kvstore.errors import CapacityError, InvalidArgument, KVStoreError, error_for_status
 from kvstore.server.service import meta_to_pb
-from kvstore.server.shm_channel import HEADER, HELLO, KIND_ERROR, KIND_HELLO, KIND_OK, MAX_BODY, encode
+from kvstore.server.shm_channel import (
+    HEADER,
+    HELLO,
+    KIND_ATTACH,
+    KIND_ERROR,
+    KIND_HELLO,
+    KIND_OK,
+    KIND_TOUCHED,
+    MAX_BODY,
+    TOUCH,
+    encode,
+)
 from kvstore.tiers.allocator import FreeListAllocator
+from kvstore.tiers.shared_arena import SUPPORTED as SHARING_SUPPORTED
+from kvstore.tiers.shared_arena import ArenaReader
 from kvstore.v1 import kvstore_pb2 as pb
 
 SHM_DIR = Path("/dev/shm")
@@ -187,6 +201,9 @@ class BlockingControlChannel:
         self.segment_id = segment_id
         self._lock = threading.Lock()
         self.broken = False
+        #: The daemon's shared arena, once :meth:`attach` mapped it.
+        self.arena: ArenaReader | None = None
+        self.attempted_attach = False
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
@@ -195,6 +212,8 @@ class BlockingControlChannel:
         except BaseException:
             self.close()
             raise
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
 
     def try_call(self, kind: int, body: bytes) -> bytes | None:
         """The reply's body; None when another thread is using the channel.
@@ -221,6 +240,74 @@ class BlockingControlChannel:
             self.close()
         return reply_body(reply_kind, reply)
 
+    def attach(self) -> ArenaReader | None:
+        """Map the daemon's shared arena (kvstore/tiers/shared_arena.py) into
+        :attr:`arena`; None when it does not offer one (a token file, turned
+        off, no tier that can) or this is not x86-64."""
+        fds: list[int] = []
+        with self._lock:
+            if self.attempted_attach or not SHARING_SUPPORTED or self.broken:
+                return self.arena
+            self.attempted_attach = True
+            try:
+                self._sock.sendall(encode(KIND_ATTACH, b""))
+                head, fds, _flags, _addr = socket.recv_fds(self._sock, HEADER.size + 16, 2)
+                if len(head) < HEADER.size:
+                    head += self._recv(HEADER.size - len(head))
+                length, kind = HEADER.unpack_from(head)
+                if not 1 <= length <= MAX_BODY + 1:
+                    raise ConnectionError(f"daemon sent a control message of {length} bytes")
+                body = head[HEADER.size :]
+                if len(body) < length - 1:
+                    body += self._recv(length - 1 - len(body))
+            except BaseException:
+                _close_all(fds)
+                self.close()
+                raise
+        try:
+            description = reply_body(kind, body)
+            if len(fds) != 2:
+                raise ConnectionError(f"daemon passed {len(fds)} descriptors with its shared arena, not 2")
+            self.arena = ArenaReader(fds[0], fds[1], description)
+        except KVStoreError:  # not offered (FAILED_PRECONDITION), or a format this client cannot read
+            return None
+        finally:
+            _close_all(fds)
+        return self.arena
+
+    def alive(self) -> bool:
+        """False once the daemon closed this connection (checked without waiting):
+        then its shared arena, if any, is no longer kept up to date."""
+        if self.broken:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return True  # a call is in flight: it finds out
+        try:
+            if self._poll.poll(0):  # the daemon never speaks unasked: this is its close
+                self.close()
+                return False
+            return True
+        finally:
+            self._lock.release()
+
+    def try_tell(self, reads: list[tuple[str, float]]) -> bool:
+        """Tell the daemon about ``reads`` (key text, seconds) made from the
+        shared arena; False if the channel is busy (try later) or broken."""
+        if self.broken or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            body = b"".join(
+                TOUCH.pack(min(int(sec * 1e6), 0xFFFFFFFF), len(raw)) + raw
+                for raw, sec in ((text.encode(), sec) for text, sec in reads)
+            )
+            self._sock.sendall(encode(KIND_TOUCHED, body))
+            return True
+        except OSError:
+            self.close()
+            return False
+        finally:
+            self._lock.release()
+
     def _recv(self, n: int) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
@@ -235,6 +322,14 @@ class BlockingControlChannel:
     def close(self) -> None:
         self.broken = True
         self._sock.close()
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def put_item(seg: ClientSegment, key: str, meta: ChunkMeta, offset: int) -> pb.ShmPutItem:

@@ -17,6 +17,14 @@ call on a loaded machine):
   from the socket straight into the result (one copy instead of five).
   ``http2_get=False`` turns it off.
 
+* gets of chunks in the daemon's CPU tier, read by this process straight
+  from the tier's memory, which the daemon shares read-only with clients on
+  its host when it has no token file (kvstore/tiers/shared_arena.py): no
+  request at all, one copy.  The client tells the daemon what it read (no
+  reply awaited) every :data:`TELL_EVERY_S` seconds or :data:`TELL_BATCH`
+  reads, at its next read, so eviction order and metrics count them.
+  ``direct_reads=False`` turns it off.
+
 Anything else, or a shortcut that is busy (another thread's call), broken or
 absent, takes the ordinary path.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+import time
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -43,16 +52,30 @@ from kvstore.server.shm_channel import KIND_GET, KIND_PUT
 from kvstore.v1 import kvstore_pb2 as pb
 
 T = TypeVar("T")
+#: Reads from the shared arena are told to the daemon in batches of this many, or ...
+TELL_BATCH = 64
+#: ... when the oldest untold one is this old (at the next read).
+TELL_EVERY_S = 0.005
 
 
 class Client:
     """Blocking client of the kvstore daemon; same arguments as :class:`AsyncClient`, and
     ``http2_get`` (default True): gets over the byte stream use the client's own
-    HTTP/2 connection (see the module docstring)."""
+    HTTP/2 connection, and ``direct_reads`` (default True): with shared memory,
+    chunks in the daemon's CPU tier are read from its memory (see the module
+    docstring)."""
 
-    def __init__(self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, direct_reads: bool = True, **kwargs: Any
+    ) -> None:
         if not isinstance(http2_get, bool):
             raise InvalidArgument(f"http2_get must be True or False, got {http2_get!r}")
+        if not isinstance(direct_reads, bool):
+            raise InvalidArgument(f"direct_reads must be True or False, got {direct_reads!r}")
+        self._direct_reads = direct_reads
+        #: Reads from the shared arena not yet told to the daemon: (key text, seconds).
+        self._untold: list[tuple[str, float]] = []
+        self._untold_since = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
         self._thread.start()
@@ -87,6 +110,8 @@ class Client:
         self._closed = True
         with self._blocking_lock:
             if self._blocking is not None:
+                if self._untold:
+                    self._blocking.try_tell(self._untold)
                 self._blocking.close()
         if self._h2 is not None:
             self._h2.close()
@@ -104,6 +129,12 @@ class Client:
     @property
     def uses_shm(self) -> bool:
         return self._aio.uses_shm
+
+    @property
+    def direct_reads(self) -> int:
+        """Gets served from the daemon's shared arena (no request) by the current control channel."""
+        ch = self._blocking
+        return 0 if ch is None or ch.arena is None else ch.arena.reads
 
     @property
     def http2_gets(self) -> int:
@@ -134,10 +165,31 @@ class Client:
     def get_many(self, keys: Iterable[KeyLike]) -> list[Fetched | None]:
         keys = list(keys)
         texts = [_key_text(k) for k in keys]
-        got = self._h2_get(texts, None) if texts else None
-        return got if got is not None else self._run(self._aio.get_many(keys))
+        out: list[Fetched | None] = [None] * len(texts)
+        rest = list(range(len(texts)))
+        if texts and self._direct_reads:
+            rest = []
+            for i, text in enumerate(texts):
+                read = self._shared_read(text, None)
+                if read is None:
+                    rest.append(i)
+                else:
+                    out[i] = Fetched(read[0], tensor_view(read[1]))
+            if not rest:
+                return out
+        texts_left = [texts[i] for i in rest]
+        got = self._h2_get(texts_left, None) if texts_left else None
+        if got is None:
+            got = self._run(self._aio.get_many([keys[i] for i in rest]))
+        for i, fetched in zip(rest, got, strict=True):
+            out[i] = fetched
+        return out
 
     def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
+        if self._direct_reads and out.device.type == "cpu" and out.is_contiguous():
+            read = self._shared_read(_key_text(key), out)
+            if read is not None:
+                return read[0]
         done, meta = self._direct_get_into(key, out)
         if done:
             return meta
@@ -174,6 +226,36 @@ class Client:
             if data is not None:
                 out[header.index] = _finish(meta_from_pb(header.meta), data, texts[header.index])
         return out
+
+    # -- reads from the daemon's shared arena (see the module docstring) --------------
+    def _shared_read(self, text: str, out: torch.Tensor | None) -> tuple[ChunkMeta, torch.Tensor] | None:
+        """The chunk's metadata and bytes (in ``out``, or a new tensor) read from the
+        shared arena; None when that is not possible now: ask the daemon."""
+        direct = self._direct()
+        if direct is None:
+            return None
+        ch = direct[1]
+        arena = ch.arena if ch.attempted_attach else ch.attach()
+        if arena is None or not ch.alive():
+            return None
+        started = time.perf_counter()
+        read = arena.read(text, out)
+        if read is not None:
+            self._tell(ch, text, time.perf_counter() - started)
+        return read
+
+    def _tell(self, ch: BlockingControlChannel, text: str, seconds: float) -> None:
+        now = time.monotonic()
+        with self._blocking_lock:
+            if not self._untold:
+                self._untold_since = now
+            self._untold.append((text, seconds))
+            if len(self._untold) < TELL_BATCH and now - self._untold_since < TELL_EVERY_S:
+                return
+            batch, self._untold = self._untold, []
+        if not ch.try_tell(batch) and not ch.broken:  # busy: keep them for the next read
+            with self._blocking_lock:
+                self._untold[:0] = batch[-4 * TELL_BATCH :]
 
     # -- the direct path (see the module docstring) ----------------------------------
     def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:

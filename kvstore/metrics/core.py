@@ -107,6 +107,8 @@ class Snapshot:
     misses: int
     lookup_keys: int
     lookup_hits: int
+    #: Hits clients served themselves from the shared arena (told afterwards; in ``gets`` too).
+    shared_reads: int
     pins: int
     uptime_s: float
     rpc_errors: dict[tuple[str, str], int]
@@ -130,6 +132,7 @@ class Metrics:
         self.misses = 0
         self.lookup_keys = 0
         self.lookup_hits = 0
+        self.shared_reads = 0
         self._reads: dict[str, IOCounter] = defaultdict(IOCounter)
         self._writes: dict[str, IOCounter] = defaultdict(IOCounter)
         self._ns: dict[Namespace, _NsTraffic] = defaultdict(_NsTraffic)
@@ -256,6 +259,7 @@ class Metrics:
             misses=self.misses,
             lookup_keys=self.lookup_keys,
             lookup_hits=self.lookup_hits,
+            shared_reads=self.shared_reads,
             pins=stats.pins,
             uptime_s=time.monotonic() - self._started,
             rpc_errors=dict(self._rpc_errors),

@@ -44,6 +44,10 @@ def _global_families(s: Snapshot) -> Iterator[Metric]:
     yield _family(G, "kvstore_hit_ratio", "Hits / gets since the daemon started.", [], [([], s.hit_ratio)])
     yield _family(C, "kvstore_lookup_keys", "Keys asked about by prefix lookups.", [], [([], s.lookup_keys)])
     yield _family(C, "kvstore_lookup_hits", "Keys that prefix lookups found.", [], [([], s.lookup_hits)])
+    yield _family(
+        C, "kvstore_shared_reads", "Chunk reads clients served from the shared CPU arena (counted in gets too).",
+        [], [([], s.shared_reads)],
+    )
     yield _family(G, "kvstore_pins", "Live pin leases.", [], [([], s.pins)])
     yield _family(G, "kvstore_uptime_seconds", "Seconds since the daemon started.", [], [([], s.uptime_s)])
     yield _family(

@@ -128,6 +128,7 @@ class Daemon:
             max_chunk_bytes=cfg.server.max_chunk_bytes,
             max_batch=cfg.server.max_batch,
             shm=cfg.server.shm,
+            shm_direct_reads=cfg.server.shm_direct_reads,
             max_concurrent_streams=cfg.server.max_concurrent_streams,
             metrics=self.metrics,
             limits=cfg.server.limits,

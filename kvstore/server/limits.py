@@ -22,11 +22,13 @@ state; the service calls it at the entry of its handlers:
   with a quota evicts its own chunks (all its models together) to make room,
   and is refused only when what is left is pinned.
 
-Resident memory is the kernel's count of the process's own pages, anonymous
-and file-backed (``RssAnon + RssFile`` in ``/proc/self/status``).
-Shared-memory segments that clients create and the daemon maps are left
-out: they belong to the client (the kernel charges a shared page to the
-cgroup that first touched it, the client, which writes it first).
+Resident memory is the kernel's count of the process's pages, anonymous,
+file-backed and shared (``RssAnon + RssFile + RssShmem`` in
+``/proc/self/status``; the CPU tier's arena is shared memory when local
+clients may read it, kvstore/tiers/shared_arena.py), less the shared-memory
+segments that clients create and the daemon maps: they belong to the client
+(the kernel charges a shared page to the cgroup that first touched it, the
+client, which writes it first).
 
 Memory accounting
 -----------------
@@ -128,18 +130,21 @@ def server_options(options: list[tuple[str, Any]], config: LimitsConfig, frame_b
     ]
 
 
-def resident_bytes(pid: int | None = None) -> int:
-    """Resident memory (RssAnon + RssFile), in bytes, of this process or of ``pid``."""
+def resident_bytes(pid: int | None = None, *, not_ours: int = 0) -> int:
+    """Resident memory (RssAnon + RssFile + RssShmem), in bytes, of this process
+    or of ``pid``, less ``not_ours`` bytes of shared memory mapped from others."""
     try:
         with open(f"/proc/{'self' if pid is None else pid}/status", "rb") as f:
             text = f.read()
     except OSError:
         return int(psutil.Process(pid).memory_info().rss)
-    total = 0
+    total = shared = 0
     for line in text.splitlines():
         if line.startswith((b"RssAnon:", b"RssFile:")):
             total += int(line.split()[1]) * 1024
-    return total
+        elif line.startswith(b"RssShmem:"):
+            shared = int(line.split()[1]) * 1024
+    return total + max(0, shared - not_ours)
 
 
 def _mib(n: int) -> str:
@@ -178,9 +183,12 @@ class Limits:
         max_concurrent_streams: int = 256,
         frame_bytes: int = 4 << 20,
         buffers: BufferPool | None = None,
+        client_mapped: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self._store = store
+        #: Bytes of clients' shared-memory segments the daemon maps (not its memory).
+        self._client_mapped = client_mapped
         self._max_streams = max_concurrent_streams
         self._slots = asyncio.Semaphore(max_concurrent_streams)
         self._per_client: Counter[str] = Counter()
@@ -260,7 +268,7 @@ class Limits:
         if fresh or now - self._rss_at > RSS_REFRESH_S:
             # Read on the event loop, where buffers are filled: every byte written
             # into them before this point is in the figure.
-            self._rss, self._rss_at, self._unseen = resident_bytes(), now, 0
+            self._rss, self._rss_at, self._unseen = resident_bytes(not_ours=self._client_mapped()), now, 0
         return self._rss
 
     def committed(self) -> int:

@@ -96,6 +96,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         max_chunk_bytes: int,
         max_batch: int,
         shm: bool,
+        shm_direct_reads: bool = True,
         max_inflight_bytes: int = 2 << 30,
         max_concurrent_streams: int = 256,
         threads: int = 2,
@@ -110,6 +111,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         self._max_chunk = max_chunk_bytes
         self._max_batch = max_batch
         self._segments = SegmentTable() if shm else None
+        self._direct_reads = shm_direct_reads
         #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
         self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
@@ -119,7 +121,10 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
         #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py):
         #: a flood of puts gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
-        self.limits = Limits(limits, store, max_concurrent_streams=max_concurrent_streams, frame_bytes=frame_bytes)
+        self.limits = Limits(
+            limits, store, max_concurrent_streams=max_concurrent_streams, frame_bytes=frame_bytes,
+            client_mapped=lambda: 0 if self._segments is None else self._segments.mapped_bytes,
+        )
         self.requests = 0
 
     async def drain(self, timeout_s: float | None) -> None:
@@ -362,9 +367,37 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     def _channel(self) -> ShmChannel:
         if self._shm_channel is None:
             self._shm_channel = ShmChannel(
-                self._segs().authenticate, self.shm_put, self.shm_get, self._metrics.observe_rpc
+                self._segs().authenticate, self.shm_put, self.shm_get, self._metrics.observe_rpc,
+                attach=self.shared_arena, touched=self.note_shared_reads,
             )
         return self._shm_channel
+
+    def shared_arena(self, principal: Principal) -> tuple[bytes, tuple[int, int]]:
+        """What a local client needs to read chunks from the CPU tier's memory
+        itself (kvstore/tiers/shared_arena.py), or FailedPrecondition saying why not."""
+        from kvstore.server.shm import FailedPrecondition
+
+        if self._tokens is not None:
+            raise FailedPrecondition("direct reads are off: the daemon has a token file, and its memory holds every tenant's chunks")
+        if not self._direct_reads:
+            raise FailedPrecondition("direct reads are off (server.shm_direct_reads: false)")
+        tier = self._store.shared_tier()
+        if tier is None or tier.shared is None:
+            raise FailedPrecondition("no tier shares its memory (that takes an unpinned cpu tier on x86-64)")
+        return tier.shared.describe(), tier.shared.reader_fds()
+
+    def note_shared_reads(self, reads: list[tuple[str, float]], principal: Principal) -> None:
+        """Count reads a client made from the shared arena, as gets served from its tier."""
+        tier = self._store.shared_tier()
+        for text, seconds in reads:
+            try:
+                key = parse_key(text, "key")
+            except InvalidArgument:
+                continue
+            n = self._store.note_shared_read(key)
+            if n is not None and tier is not None:
+                self._metrics.record_read(key, tier.name, n, seconds)
+                self._metrics.shared_reads += 1
 
     def _segs(self) -> SegmentTable:
         if self._segments is None:

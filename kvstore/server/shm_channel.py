@@ -19,6 +19,15 @@ where ``length`` counts kind + body.
   closes.  Replies ``O`` (empty body) or ``E``.
 * ``P`` body ``ShmPutRequest`` -> ``O`` body ``PutReply``.
 * ``G`` body ``ShmGetRequest`` -> ``O`` body ``ShmGetReply``.
+* ``A`` attach, empty body -> ``O`` body ``u64 arena bytes | u64 index
+  bytes`` with two read-only file descriptors (arena, index) passed along
+  (SCM_RIGHTS), or ``E`` FAILED_PRECONDITION when the daemon does not share
+  its CPU tier's memory (a token file is configured, ``server.shm_direct_reads``
+  is off, no tier can): the client then reads chunks straight from the
+  tier's memory (kvstore/tiers/shared_arena.py).
+* ``T`` touched, no reply: the keys a client read from the shared arena,
+  each ``u32 microseconds | u16 length | key (utf-8)``, so that eviction
+  order and read metrics count them.  A malformed one closes the connection.
 * ``E`` error reply: ``STATUS_NAME\\n`` + message (utf-8), the gRPC status
   the same request would have got.
 
@@ -33,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -45,19 +56,22 @@ from google.protobuf.message import DecodeError
 
 from kvstore.errors import Closed, InvalidArgument, KVStoreError
 from kvstore.server.auth import Principal
-from kvstore.server.shm import NONCE_BYTES, Segment
+from kvstore.server.shm import NONCE_BYTES, FailedPrecondition, Segment
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IB")
 HELLO = struct.Struct("<Q16s")
+TOUCH = struct.Struct("<IH")  # microseconds the read took, key length
 #: Largest request body: max_batch items with long keys fit well inside.
 MAX_BODY = 16 << 20
 
 KIND_HELLO = ord("H")
 KIND_PUT = ord("P")
 KIND_GET = ord("G")
+KIND_ATTACH = ord("A")
+KIND_TOUCHED = ord("T")
 KIND_OK = ord("O")
 KIND_ERROR = ord("E")
 
@@ -67,6 +81,10 @@ Authenticate = Callable[[int, bytes], Segment]
 #: (method, seconds, status code name): the daemon's RPC metrics, so that a request
 #: served here counts as the ShmPut/ShmGet it is.
 Observe = Callable[[str, float, str], None]
+#: The shared arena's description and read-only descriptors (arena, index), for a principal.
+Attach = Callable[[Principal], tuple[bytes, tuple[int, int]]]
+#: (key text, seconds) of reads a client made from the shared arena.
+Touched = Callable[[list[tuple[str, float]], Principal], None]
 
 
 def encode(kind: int, body: bytes) -> bytes:
@@ -85,12 +103,21 @@ class ShmChannel:
     """The daemon's side: a Unix-socket server started on first use."""
 
     def __init__(
-        self, authenticate: Authenticate, put: PutHandler, get: GetHandler, observe: Observe | None = None
+        self,
+        authenticate: Authenticate,
+        put: PutHandler,
+        get: GetHandler,
+        observe: Observe | None = None,
+        *,
+        attach: Attach | None = None,
+        touched: Touched | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._put = put
         self._get = get
         self._observe = observe
+        self._attach = attach
+        self._touched = touched
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
@@ -160,6 +187,13 @@ class ShmChannel:
                     writer.write(encode_error(Closed("the daemon is shutting down; nothing was stored")))
                     await writer.drain()
                     return
+                if principal is not None and kind == KIND_TOUCHED:
+                    if not self._touch(body, principal):
+                        return  # malformed: there is no reply to carry an error
+                    continue
+                if principal is not None and kind == KIND_ATTACH:
+                    await self._send_arena(writer, principal)
+                    continue
                 self._busy += 1
                 self._idle.clear()
                 try:
@@ -189,6 +223,42 @@ class ShmChannel:
             self._conns.discard(writer)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 writer.close()
+
+    def _touch(self, body: bytes, principal: Principal) -> bool:
+        reads: list[tuple[str, float]] = []
+        at = 0
+        try:
+            while at < len(body):
+                micros, n = TOUCH.unpack_from(body, at)
+                at += TOUCH.size
+                if at + n > len(body):
+                    return False
+                reads.append((body[at : at + n].decode(), micros / 1e6))
+                at += n
+        except (struct.error, UnicodeDecodeError):
+            return False
+        if self._touched is not None:
+            self._touched(reads, principal)
+        return True
+
+    async def _send_arena(self, writer: asyncio.StreamWriter, principal: Principal) -> None:
+        """Reply to an attach: the description, with the descriptors passed alongside."""
+        if self._attach is None:
+            writer.write(encode_error(FailedPrecondition("this daemon does not share its memory")))
+            return
+        try:
+            description, fds = self._attach(principal)
+        except KVStoreError as exc:
+            writer.write(encode_error(exc))
+            return
+        try:
+            await writer.drain()  # nothing of ours may be queued ahead of the reply
+            raw = writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+                socket.send_fds(sock, [encode(KIND_OK, description)], list(fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _hello(self, kind: int, body: bytes) -> Principal:
         if kind != KIND_HELLO:

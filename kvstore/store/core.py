@@ -17,6 +17,7 @@ from kvstore.store.results import LookupResult
 from kvstore.store.settings import TierSettings
 from kvstore.store.slots import Job, KeyLocks, Slot
 from kvstore.tiers.base import Tier
+from kvstore.tiers.memory import MemoryTier
 
 log = logging.getLogger("kvstore.store")
 
@@ -349,6 +350,27 @@ class StoreCore:
                 await self._promote(key, chunk, slot)
             return chunk
         return None
+
+    def shared_tier(self) -> MemoryTier | None:
+        """The first tier whose arena local clients may read (kvstore/tiers/shared_arena.py)."""
+        for slot in self._slots:
+            if isinstance(slot.tier, MemoryTier) and slot.tier.shared is not None:
+                return slot.tier
+        return None
+
+    def note_shared_read(self, key: ChunkKey) -> int | None:
+        """A read of ``key`` a client made from :meth:`shared_tier`'s arena: count
+        it and refresh the key's place in that tier's eviction order as a get
+        would.  The chunk's size, or None if the tier no longer holds it."""
+        tier = self.shared_tier()
+        if tier is None:
+            return None
+        n = tier.note_shared_read(key)
+        if n is not None:
+            slot = self._slot(tier.name)
+            if key in slot.sizes:
+                slot.policy.access(key)
+        return n
 
     async def _promote(self, key: ChunkKey, chunk: Chunk, source: Slot) -> None:
         top = self._slots[0]

@@ -17,6 +17,9 @@ class CpuTierConfig:
     pin: bool | None = None
     prefault: bool = True
     copy_threads: int = 2
+    #: Keep the arena in a memfd that local clients may map read-only (kvstore/tiers/shared_arena.py);
+    #: the daemon offers it only without a token file.  Not with a pinned arena.
+    shared: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1 << 20:
@@ -39,4 +42,5 @@ class CpuTier(MemoryTier):
             pin=pin,
             prefault=config.prefault,
             copy_threads=config.copy_threads,
+            shared=config.shared,
         )

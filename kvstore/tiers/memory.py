@@ -11,6 +11,12 @@ releases its :class:`Chunk`: a chunk deleted or evicted while readers hold it
 leaves the index at once but its bytes are freed only when the last reader
 releases it (those bytes still count as used, so the capacity holds).
 
+A host tier made with ``shared=True`` keeps its arena in a memfd and
+publishes where each chunk is in an index that clients on the same host read
+(kvstore/tiers/shared_arena.py): every change to the tier's index is
+published before the call returns, and a key is withdrawn before its bytes
+may be reused.
+
 Copies of host memory of 8 MiB and more are split over ``copy_threads``
 threads (kvstore/tiers/copier.py; torch releases the GIL while copying), and
 those over ``inline_copy_max`` run in the pool entirely, so a 32 MiB put does
@@ -36,6 +42,8 @@ from kvstore.keys import ChunkKey
 from kvstore.tiers.allocator import FreeListAllocator
 from kvstore.tiers.base import Tier
 from kvstore.tiers.copier import Copier, finish, when_done
+from kvstore.tiers.shared_arena import SUPPORTED as SHARING_SUPPORTED
+from kvstore.tiers.shared_arena import SharedArena
 
 T = TypeVar("T")
 
@@ -85,6 +93,7 @@ class MemoryTier(Tier):
         copy_threads: int = 2,
         inline_copy_max: int = 8 << 20,
         align: int = 256,
+        shared: bool = False,
     ) -> None:
         super().__init__(name)
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
@@ -103,6 +112,10 @@ class MemoryTier(Tier):
         self._copy: Copier | None = None
         #: The arena as bytes, for host arenas: slicing it is cheaper than making a view per get.
         self._bytes: memoryview | None = None
+        # Sharing needs a host arena we map ourselves (a pinned one comes from CUDA's allocator).
+        self._share = shared and self._device.type == "cpu" and not pin and SHARING_SUPPORTED
+        #: The arena and its published index, when shared with local clients.
+        self.shared: SharedArena | None = None
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -117,7 +130,12 @@ class MemoryTier(Tier):
 
     def _make_arena(self) -> torch.Tensor:
         n = self._alloc.capacity
-        if self._device.type == "cpu":
+        if self._share:
+            self.shared = SharedArena(n, name=f"kvstore-{self.name}")
+            arena = torch.frombuffer(self.shared.arena, dtype=torch.uint8)
+            if self._prefault:
+                arena.zero_()
+        elif self._device.type == "cpu":
             arena = torch.empty(n, dtype=torch.uint8, pin_memory=self._pin)
             if self._prefault and not self._pin:  # pinned pages are already committed
                 arena.zero_()
@@ -133,6 +151,9 @@ class MemoryTier(Tier):
         self._index.clear()
         self._bytes = None
         self._arena = None
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     def _copier(self) -> Copier:
         if self._copy is None:
@@ -218,6 +239,8 @@ class MemoryTier(Tier):
     def _publish(self, key: ChunkKey, off: int, meta: ChunkMeta) -> None:
         old = self._index.get(key)
         self._index[key] = _Entry(off, meta)
+        if self.shared is not None:  # replaces the old entry there before its block is retired
+            self.shared.publish(str(key), off, meta)
         if old is not None:
             self._retire(old)
         self.counters.puts += 1
@@ -260,6 +283,16 @@ class MemoryTier(Tier):
         if entry.readers == 0:
             self._alloc.free(entry.offset)
 
+    def note_shared_read(self, key: ChunkKey) -> int | None:
+        """Count a read a client made from the shared arena; the chunk's size,
+        or None if the key is no longer here."""
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        self.counters.hits += 1
+        self.counters.bytes_read += entry.meta.nbytes
+        return entry.meta.nbytes
+
     def contains(self, key: ChunkKey) -> bool:
         return key in self._index
 
@@ -271,6 +304,8 @@ class MemoryTier(Tier):
         entry = self._index.pop(key, None)
         if entry is None:
             return 0
+        if self.shared is not None:
+            self.shared.withdraw(str(key))
         self._retire(entry)
         self.counters.deletes += 1
         return entry.meta.nbytes
