@@ -10,7 +10,11 @@ host (it proves so by reading back a nonce), otherwise through the gRPC
 byte stream in frames of ``frame_bytes``.  ``shm="auto"`` (default) tries
 shared memory once and falls back silently; ``shm=False`` never tries.  The
 shared-memory requests travel over the daemon's Unix-socket control channel
-when it offers one (kvstore/server/shm_channel.py), else over gRPC.
+when it offers one (kvstore/server/shm_channel.py), else over gRPC.  Gets of
+chunks in the daemon's CPU tier need no request at all when the daemon
+shares that tier's memory (no token file; kvstore/tiers/shared_arena.py):
+the client copies them out itself, on the event loop's thread (a memory
+copy: up to 0.1 ms per MiB); ``direct_reads=False`` turns that off.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from kvstore.chunk import ChunkMeta, checksum
 from kvstore.client.payload import Value, to_payload, to_tensor
-from kvstore.client.shm import ClientSegment, ControlChannel, get_item, put_item
+from kvstore.client.shm import BlockingControlChannel, ClientSegment, ControlChannel, get_item, put_item
 from kvstore.tiers.memory import tensor_view
 from kvstore.errors import (
     CorruptChunk,
@@ -112,6 +116,7 @@ class AsyncClient:
         frame_bytes: int = DEFAULT_FRAME_BYTES,
         shm: bool | Literal["auto"] = "auto",
         shm_bytes: int = 256 << 20,
+        direct_reads: bool = True,
     ) -> None:
         if not 4096 <= frame_bytes <= 64 << 20:
             raise InvalidArgument(f"frame_bytes must be in [4 KiB, 64 MiB], got {frame_bytes}")
@@ -119,6 +124,8 @@ class AsyncClient:
             raise InvalidArgument(f"timeout_s must be positive, got {timeout_s}")
         if retries < 0:
             raise InvalidArgument(f"retries must be >= 0, got {retries}")
+        if not isinstance(direct_reads, bool):
+            raise InvalidArgument(f"direct_reads must be True or False, got {direct_reads!r}")
         self.address = address
         self._timeout = timeout_s
         self._retries = retries
@@ -154,6 +161,9 @@ class AsyncClient:
         self._control: ControlChannel | None = None
         self._shm_tried = False
         self._shm_lock = asyncio.Lock()
+        self._direct_reads = direct_reads
+        #: Reads from the daemon's shared arena (a blocking control connection of its own).
+        self._reader: BlockingControlChannel | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def close(self) -> None:
@@ -238,12 +248,36 @@ class AsyncClient:
                 self._control = await ControlChannel.open(reply.control_socket, seg.segment_id, seg.nonce)
             except (OSError, KVStoreError):
                 self._control = None  # ShmPut/ShmGet over gRPC then
+            if self._direct_reads:
+                self._reader = _arena_reader(seg, min(5.0, self._timeout))
         return seg
 
     def _drop_control(self) -> None:
         ctl, self._control = self._control, None
         if ctl is not None:
             ctl.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    @property
+    def direct_reads(self) -> int:
+        """Gets served from the daemon's shared arena (no request) since the segment was registered."""
+        reader = self._reader
+        return 0 if reader is None or reader.arena is None else reader.arena.reads
+
+    def _read_shared(self, key: str, out: torch.Tensor | None) -> Fetched | None:
+        """The chunk read from the daemon's shared arena (copied on this thread: a
+        memory copy, 0.1 ms per MiB at most), or None: ask the daemon."""
+        reader = self._reader
+        if reader is None:
+            return None
+        read = reader.read_shared(key, out)
+        if read is None:
+            if reader.broken:
+                self._reader = None
+            return None
+        return Fetched(read[0], memoryview(b"") if out is not None else tensor_view(read[1]))
 
     async def _shm_call(
         self,
@@ -432,7 +466,11 @@ class AsyncClient:
         return out
 
     async def _get_shm_one(self, seg: ClientSegment, key: str, out: torch.Tensor | None) -> Fetched | None:
-        """One key through the segment: into ``out`` if it lives there, else a slice then a copy."""
+        """One key from the shared arena, else through the segment: into ``out`` if
+        it lives there, else a slice then a copy."""
+        read = self._read_shared(key, out)
+        if read is not None:
+            return read
         room = 0 if out is None else out.numel() * out.element_size()
         direct = None if out is None else seg.offset_of(out)
         size_hint = room or 16 << 20
@@ -560,6 +598,22 @@ class AsyncClient:
         req = pb.DeleteRequest(keys=[_key_text(k) for k in keys])
         reply = await self._call(lambda t: self._stub.Delete(req, metadata=self._metadata, timeout=t))
         return list(reply.found)
+
+
+def _arena_reader(seg: ClientSegment, timeout_s: float) -> BlockingControlChannel | None:
+    """A control connection with the daemon's shared arena attached, or None
+    (not offered: a token file, turned off, no tier that can; or no connection)."""
+    try:
+        ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, timeout_s)
+    except (OSError, KVStoreError):
+        return None
+    try:
+        if ch.attach() is not None:
+            return ch
+    except (OSError, KVStoreError):
+        pass
+    ch.close()
+    return None
 
 
 def _finish(meta: ChunkMeta, buf: memoryview, key: str) -> Fetched:

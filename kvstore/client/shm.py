@@ -21,6 +21,7 @@ import secrets
 import select
 import socket
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -192,10 +193,17 @@ def reply_body(kind: int, body: bytes) -> bytes:
     raise ConnectionError(f"daemon sent a control message of unknown kind {kind}")
 
 
+#: Reads from the shared arena are told to the daemon in batches of this many, or ...
+TELL_BATCH = 64
+#: ... when the oldest untold one is this old (at the next read).
+TELL_EVERY_S = 0.005
+
+
 class BlockingControlChannel:
     """The control channel with a blocking socket, for the sync client's
-    calling thread (no hop to its event loop).  Thread-safe: a caller that
-    finds it :attr:`busy` uses the asynchronous path instead."""
+    calling thread (no hop to its event loop), and for both clients' reads
+    from the daemon's shared arena (:meth:`read_shared`).  Thread-safe: a
+    caller that finds it busy uses the asynchronous path instead."""
 
     def __init__(self, path: str, segment_id: int, nonce: bytes, timeout_s: float) -> None:
         self.segment_id = segment_id
@@ -204,6 +212,10 @@ class BlockingControlChannel:
         #: The daemon's shared arena, once :meth:`attach` mapped it.
         self.arena: ArenaReader | None = None
         self.attempted_attach = False
+        #: Reads from the arena not yet told to the daemon: (key text, seconds).
+        self._untold: list[tuple[str, float]] = []
+        self._untold_since = 0.0
+        self._untold_lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
@@ -290,6 +302,32 @@ class BlockingControlChannel:
         finally:
             self._lock.release()
 
+    def read_shared(self, key_text: str, out: torch.Tensor | None) -> tuple[ChunkMeta, torch.Tensor] | None:
+        """The chunk's metadata and bytes (in ``out``, or a new tensor) read from the
+        daemon's shared arena (attached on first use), and noted to be told; None
+        when that is not possible now: ask the daemon."""
+        arena = self.arena if self.attempted_attach else self.attach()
+        if arena is None or not self.alive():
+            return None
+        started = time.perf_counter()
+        read = arena.read(key_text, out)
+        if read is not None:
+            self._note(key_text, time.perf_counter() - started)
+        return read
+
+    def _note(self, key_text: str, seconds: float) -> None:
+        now = time.monotonic()
+        with self._untold_lock:
+            if not self._untold:
+                self._untold_since = now
+            self._untold.append((key_text, seconds))
+            if len(self._untold) < TELL_BATCH and now - self._untold_since < TELL_EVERY_S:
+                return
+            batch, self._untold = self._untold, []
+        if not self.try_tell(batch) and not self.broken:  # busy: keep them for the next read
+            with self._untold_lock:
+                self._untold[:0] = batch[-4 * TELL_BATCH :]
+
     def try_tell(self, reads: list[tuple[str, float]]) -> bool:
         """Tell the daemon about ``reads`` (key text, seconds) made from the
         shared arena; False if the channel is busy (try later) or broken."""
@@ -320,6 +358,10 @@ class BlockingControlChannel:
         return bytes(buf)
 
     def close(self) -> None:
+        """Tell the daemon the reads not yet told, then close (idempotent)."""
+        if self._untold and not self.broken:
+            untold, self._untold = self._untold, []
+            self.try_tell(untold)
         self.broken = True
         self._sock.close()
         if self.arena is not None:

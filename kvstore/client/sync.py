@@ -21,8 +21,8 @@ call on a loaded machine):
   from the tier's memory, which the daemon shares read-only with clients on
   its host when it has no token file (kvstore/tiers/shared_arena.py): no
   request at all, one copy.  The client tells the daemon what it read (no
-  reply awaited) every :data:`TELL_EVERY_S` seconds or :data:`TELL_BATCH`
-  reads, at its next read, so eviction order and metrics count them.
+  reply awaited) every ``TELL_EVERY_S`` seconds or ``TELL_BATCH`` reads
+  (kvstore/client/shm.py), at its next read, so eviction order and metrics count them.
   ``direct_reads=False`` turns it off.
 
 Anything else, or a shortcut that is busy (another thread's call), broken or
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-import time
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -52,10 +51,6 @@ from kvstore.server.shm_channel import KIND_GET, KIND_PUT
 from kvstore.v1 import kvstore_pb2 as pb
 
 T = TypeVar("T")
-#: Reads from the shared arena are told to the daemon in batches of this many, or ...
-TELL_BATCH = 64
-#: ... when the oldest untold one is this old (at the next read).
-TELL_EVERY_S = 0.005
 
 
 class Client:
@@ -73,9 +68,6 @@ class Client:
         if not isinstance(direct_reads, bool):
             raise InvalidArgument(f"direct_reads must be True or False, got {direct_reads!r}")
         self._direct_reads = direct_reads
-        #: Reads from the shared arena not yet told to the daemon: (key text, seconds).
-        self._untold: list[tuple[str, float]] = []
-        self._untold_since = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
         self._thread.start()
@@ -96,7 +88,8 @@ class Client:
 
     @staticmethod
     async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:
-        return AsyncClient(address, **kwargs)
+        # This client reads the shared arena itself (over its own blocking channel).
+        return AsyncClient(address, **kwargs, direct_reads=False)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():
@@ -110,8 +103,6 @@ class Client:
         self._closed = True
         with self._blocking_lock:
             if self._blocking is not None:
-                if self._untold:
-                    self._blocking.try_tell(self._untold)
                 self._blocking.close()
         if self._h2 is not None:
             self._h2.close()
@@ -229,33 +220,8 @@ class Client:
 
     # -- reads from the daemon's shared arena (see the module docstring) --------------
     def _shared_read(self, text: str, out: torch.Tensor | None) -> tuple[ChunkMeta, torch.Tensor] | None:
-        """The chunk's metadata and bytes (in ``out``, or a new tensor) read from the
-        shared arena; None when that is not possible now: ask the daemon."""
         direct = self._direct()
-        if direct is None:
-            return None
-        ch = direct[1]
-        arena = ch.arena if ch.attempted_attach else ch.attach()
-        if arena is None or not ch.alive():
-            return None
-        started = time.perf_counter()
-        read = arena.read(text, out)
-        if read is not None:
-            self._tell(ch, text, time.perf_counter() - started)
-        return read
-
-    def _tell(self, ch: BlockingControlChannel, text: str, seconds: float) -> None:
-        now = time.monotonic()
-        with self._blocking_lock:
-            if not self._untold:
-                self._untold_since = now
-            self._untold.append((text, seconds))
-            if len(self._untold) < TELL_BATCH and now - self._untold_since < TELL_EVERY_S:
-                return
-            batch, self._untold = self._untold, []
-        if not ch.try_tell(batch) and not ch.broken:  # busy: keep them for the next read
-            with self._blocking_lock:
-                self._untold[:0] = batch[-4 * TELL_BATCH :]
+        return None if direct is None else direct[1].read_shared(text, out)
 
     # -- the direct path (see the module docstring) ----------------------------------
     def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:

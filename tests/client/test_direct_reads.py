@@ -197,3 +197,19 @@ def test_reads_racing_puts_and_evictions_return_whole_values(tmp_path: Path) -> 
             t.join()
         assert not errors, errors
         assert reads > 50
+
+
+async def test_the_async_client_reads_directly_too(server: DaemonProcess) -> None:
+    k = key(3, model="async")
+    value = values(3, (2, 1024, 1024), torch.bfloat16)
+    async with kvstore.AsyncClient(server.address) as c, kvstore.AsyncClient(server.address, direct_reads=False) as plain:
+        await c.put(k, value)
+        out = torch.empty_like(value)
+        meta = await c.get_into(k, out)
+        assert meta is not None and torch.equal(out.view(torch.uint8), value.view(torch.uint8))
+        got = await c.get(k)
+        assert got is not None and torch.equal(got.tensor().view(torch.uint8), value.view(torch.uint8))
+        assert c.direct_reads == 2
+        assert await plain.get_into(k, out) is not None and plain.direct_reads == 0
+        await plain.delete([k])
+        assert await c.get_into(k, out) is None  # withdrawn at once
