@@ -493,7 +493,7 @@ class AsyncClient:
                 src = seg.view(off, meta.nbytes)
                 if out is not None:
                     if direct is None:
-                        out.view(torch.uint8).reshape(-1)[: meta.nbytes].copy_(src)
+                        out.reshape(-1).view(torch.uint8)[: meta.nbytes].copy_(src)
                     return Fetched(meta, memoryview(b""))
                 data = bytearray(meta.nbytes)
                 if meta.nbytes:
@@ -627,4 +627,4 @@ def _copy_into(out: torch.Tensor, got: Fetched) -> None:
     if got.meta.nbytes > room:
         raise InvalidArgument(f"output has room for {room} bytes, the chunk has {got.meta.nbytes}")
     if got.meta.nbytes:
-        out.view(torch.uint8).reshape(-1)[: got.meta.nbytes].copy_(torch.frombuffer(got.data, dtype=torch.uint8))
+        out.reshape(-1).view(torch.uint8)[: got.meta.nbytes].copy_(torch.frombuffer(got.data, dtype=torch.uint8))

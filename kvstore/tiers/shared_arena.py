@@ -319,7 +319,7 @@ class ArenaReader:
             with torch.inference_mode(False):  # a normal tensor even for a caller in inference mode
                 dst = torch.empty(nbytes, dtype=torch.uint8)
         else:
-            dst = out.view(torch.uint8).reshape(-1)
+            dst = out.reshape(-1).view(torch.uint8)
             if dst.numel() < nbytes:
                 raise InvalidArgument(f"output has room for {dst.numel()} bytes, the chunk has {nbytes}")
             dst = dst[:nbytes]

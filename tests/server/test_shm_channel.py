@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,20 @@ import yaml
 
 import kvstore
 from kvstore.client.shm import ClientSegment
-from kvstore.server.shm_channel import HEADER, HELLO, KIND_ERROR, KIND_GET, KIND_HELLO, KIND_OK, KIND_PUT, MAX_BODY
+from kvstore.admin.client import AdminClient
+from kvstore.server.shm_channel import (
+    HEADER,
+    HELLO,
+    KIND_ATTACH,
+    KIND_ERROR,
+    KIND_GET,
+    KIND_HELLO,
+    KIND_OK,
+    KIND_PUT,
+    KIND_TOUCHED,
+    MAX_BODY,
+    TOUCH,
+)
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, key, meta_for, raw_get, stub
 from tests.support.daemon import DaemonProcess, cpu_only
@@ -201,3 +215,44 @@ def test_the_channel_acts_for_the_segments_tenant_only(authd: DaemonProcess) -> 
     finally:
         a.close()
         b.close()
+
+
+# -- direct reads: attach and touched ---------------------------------------------------------------------
+def test_a_daemon_with_tokens_does_not_share_its_memory(authd: DaemonProcess) -> None:
+    reg = Registered(authd.address, A_RW)
+    try:
+        with reg.connect() as sock:
+            sock.sendall(HEADER.pack(1, KIND_ATTACH))
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 2)
+            assert fds == []
+            kind, body = HEADER.unpack_from(msg)[1], msg[HEADER.size :]
+            status, message = error_of((kind, body))
+            assert status == "FAILED_PRECONDITION" and "token file" in message
+            # The connection serves on.
+            assert call(sock, KIND_PUT, put_req(reg.seg, key(6, tenant="a", model="att"), b"ok"))[0] == KIND_OK
+        with reg.connect(hello=False) as sock:  # before the hello: refused like any request
+            assert "send a hello" in error_of(call(sock, KIND_ATTACH, b""))[1]
+            assert is_closed(sock)
+    finally:
+        reg.close()
+
+
+def test_touched_messages_are_checked(tmp_path: Path) -> None:
+    """A well-formed ``T`` gets no reply and counts only keys the tier holds; a
+    malformed one closes the connection (it has no reply to carry an error)."""
+    with DaemonProcess(tmp_path, cpu_only("64MiB")) as d:
+        reg = Registered(d.address, "")
+        try:
+            k = key(1, model="touch")
+            with reg.connect() as sock:
+                assert call(sock, KIND_PUT, put_req(reg.seg, k, b"v" * 100))[0] == KIND_OK
+                good = b"".join(TOUCH.pack(7, len(t)) + t for t in (k.encode(), b"not a key", key(2).encode()))
+                sock.sendall(HEADER.pack(len(good) + 1, KIND_TOUCHED) + good)
+                assert call(sock, KIND_GET, get_req(reg.seg.segment_id, k))[0] == KIND_OK  # no reply came between
+                sock.sendall(HEADER.pack(4, KIND_TOUCHED) + TOUCH.pack(1, 50)[:3])
+                assert is_closed(sock)
+            with AdminClient(d.address) as admin:
+                stats = admin.stats()
+            assert next(t.hits for t in stats.tiers if t.name == "cpu") == 2  # the touch, the get
+        finally:
+            reg.close()
