@@ -213,3 +213,22 @@ async def test_the_async_client_reads_directly_too(server: DaemonProcess) -> Non
         assert await plain.get_into(k, out) is not None and plain.direct_reads == 0
         await plain.delete([k])
         assert await c.get_into(k, out) is None  # withdrawn at once
+
+
+def test_direct_reads_ready_maps_the_arena(server: DaemonProcess, tmp_path: Path) -> None:
+    with kvstore.Client(server.address) as c:
+        assert c.direct_reads_ready(timeout_s=30)  # registers, attaches, waits for the page tables
+        c.put(key(9, model="ready"), b"r" * 5000)
+        assert c.get_bytes(key(9, model="ready")) == b"r" * 5000 and c.direct_reads == 1
+    with kvstore.Client(server.address, shm=False) as c:
+        assert not c.direct_reads_ready()
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"tokens": [{"token": "token-of-tenant-t-readwrite", "tenant": "t", "role": "readwrite"}]}))
+    with DaemonProcess(tmp_path / "d", cpu_only("64MiB", token_file=str(tokens))) as d:
+        with kvstore.Client(d.address, token="token-of-tenant-t-readwrite") as c:
+            assert not c.direct_reads_ready() and c.uses_shm
+
+
+async def test_async_direct_reads_ready(server: DaemonProcess) -> None:
+    async with kvstore.AsyncClient(server.address) as c:
+        assert await c.direct_reads_ready(timeout_s=30)
