@@ -77,6 +77,7 @@ _EMPTY = bytes(16)
 SPLIT_MIN = 8 << 20
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
 _POPULATE_STEP = 64 << 20
+_SLOT_CACHE = 1 << 16
 
 
 def _madvise(addr: int, length: int, advice: int) -> int:
@@ -272,6 +273,9 @@ class ArenaReader:
         self._pool: ThreadPoolExecutor | None = None
         self._copier: Copier | None = None
         self._closed = False
+        #: Slot offset -> (seq, (offset, nbytes, meta)) as last decoded: a slot whose seq is
+        #: unchanged is unchanged, so a key read again is not decoded again.
+        self._slots: dict[int, tuple[int, tuple[int, int, ChunkMeta]]] = {}
         #: Set once this process's page tables cover the whole arena (see _populate).
         self.populated = threading.Event()
         threading.Thread(target=self._populate, name="kvstore-arena-populate", daemon=True).start()
@@ -348,7 +352,12 @@ class ArenaReader:
                     return at, seq
         return None
 
-    def _copy(self, at: int, seq: int, out: torch.Tensor | None) -> tuple[ChunkMeta, torch.Tensor] | None:
+    def _slot(self, at: int, seq: int) -> tuple[int, int, ChunkMeta] | None:
+        """(offset, nbytes, meta) of the slot at ``at`` as of ``seq``; None if it
+        changed while being read.  Decoded once per version of the slot."""
+        known = self._slots.get(at)
+        if known is not None and known[0] == seq:
+            return known[1]
         _digest, offset, nbytes, meta_len = _FIELDS.unpack_from(self._index, at + _FIELDS_AT)
         meta_raw = self._index[at + META_AT : at + META_AT + min(meta_len, META_MAX)]
         if _SEQ.unpack_from(self._index, at)[0] != seq or offset + nbytes > self.arena_bytes:
@@ -356,6 +365,16 @@ class ArenaReader:
         meta = unpack_meta(meta_raw)
         if meta.nbytes != nbytes:
             return None
+        if len(self._slots) >= _SLOT_CACHE:
+            self._slots.clear()
+        self._slots[at] = (seq, (offset, nbytes, meta))
+        return offset, nbytes, meta
+
+    def _copy(self, at: int, seq: int, out: torch.Tensor | None) -> tuple[ChunkMeta, torch.Tensor] | None:
+        slot = self._slot(at, seq)
+        if slot is None:
+            return None
+        offset, nbytes, meta = slot
         if out is None:
             with torch.inference_mode(False):  # a normal tensor even for a caller in inference mode
                 dst = torch.empty(nbytes, dtype=torch.uint8)
