@@ -120,6 +120,7 @@ def test_counts_and_bytes_are_exact(metered: Callable[..., tuple[DaemonProcess, 
     # Over shared memory the hits were read from the daemon's shared arena, no RPC (told afterwards).
     assert metric(m, "kvstore_rpc_duration_seconds_count", method=get_rpc) == (n_miss if shm else n_hit + n_miss)
     assert metric(m, "kvstore_shared_reads_total") == (n_hit if shm else 0)
+    assert metric(m, "kvstore_shared_unpublished_total") == 0
     assert metric(m, "kvstore_rpc_duration_seconds_count", method=put_rpc) == n_put
     # Bandwidth = bytes / the daemon's busy time.  That time is at most the
     # client's (the calls ran one after another), so the figure is at least
@@ -252,3 +253,20 @@ async def test_tier_health_follows_its_errors() -> None:
         snap = metrics.snapshot()
         assert snap.tiers[0].healthy and snap.tiers[0].errors == 1
         assert b'kvstore_tier_up{kind="cpu",tier="cpu"} 1.0' in metrics.render()
+
+
+def test_chunks_the_shared_index_could_not_publish_are_counted(metered: Callable[..., tuple[DaemonProcess, int]]) -> None:
+    """A 1 MiB CPU tier has an index of 64 buckets of 8 slots: 700 small chunks
+    cannot all be published (at least 188 not); their gets still work."""
+    from kvstore.tiers.shared_arena import SUPPORTED
+
+    if not SUPPORTED:
+        pytest.skip("the shared arena is offered on x86-64 only")
+    d, port = metered("1MiB")
+    keys = [key(i, "u") for i in range(700)]
+    with Client(d.address) as c:
+        for i, k in enumerate(keys):
+            c.put(k, bytes([i % 251]) * 64)
+        assert [c.get_bytes(k) for k in keys[:50]] == [bytes([i % 251]) * 64 for i in range(50)]
+    m = scrape(port)
+    assert metric(m, "kvstore_shared_unpublished_total") >= 700 - 512

@@ -109,6 +109,8 @@ class Snapshot:
     lookup_hits: int
     #: Hits clients served themselves from the shared arena (told afterwards; in ``gets`` too).
     shared_reads: int
+    #: Chunks the shared tier could not publish for direct reads (an index bucket was full).
+    shared_unpublished: int
     pins: int
     uptime_s: float
     rpc_errors: dict[tuple[str, str], int]
@@ -178,6 +180,10 @@ class Metrics:
         for key, tier, n in items:
             share = n / total if total else 1 / len(items)
             self.record_write(key, tier, n, seconds * share)
+
+    def _shared_unpublished(self) -> int:
+        tier = self._store.shared_tier()
+        return 0 if tier is None or tier.shared is None else tier.shared.overflows
 
     def record_lookup(self, keys: int, found: int) -> None:
         self.lookup_keys += keys
@@ -260,6 +266,7 @@ class Metrics:
             lookup_keys=self.lookup_keys,
             lookup_hits=self.lookup_hits,
             shared_reads=self.shared_reads,
+            shared_unpublished=self._shared_unpublished(),
             pins=stats.pins,
             uptime_s=time.monotonic() - self._started,
             rpc_errors=dict(self._rpc_errors),

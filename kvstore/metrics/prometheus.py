@@ -48,6 +48,11 @@ def _global_families(s: Snapshot) -> Iterator[Metric]:
         C, "kvstore_shared_reads", "Chunk reads clients served from the shared CPU arena (counted in gets too).",
         [], [([], s.shared_reads)],
     )
+    yield _family(
+        C, "kvstore_shared_unpublished",
+        "Puts into the CPU tier not published for direct reads (their index bucket was full): gets of those chunks use a request.",
+        [], [([], s.shared_unpublished)],
+    )
     yield _family(G, "kvstore_pins", "Live pin leases.", [], [([], s.pins)])
     yield _family(G, "kvstore_uptime_seconds", "Seconds since the daemon started.", [], [([], s.uptime_s)])
     yield _family(
