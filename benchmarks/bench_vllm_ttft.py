@@ -68,6 +68,11 @@ def main() -> int:
     ap.add_argument("--lengths", default="1024,2048,4096", help="shared prefix lengths in tokens")
     ap.add_argument("--reps", type=int, default=3, help="requests per length and configuration (median)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument(
+        "--no-direct-reads", action="store_true",
+        help="the daemon does not share its CPU tier's memory (server.shm_direct_reads: false): "
+        "loads ask the daemon for every chunk, as before direct reads",
+    )
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     reps = args.reps
@@ -78,7 +83,7 @@ def main() -> int:
     results: dict[str, list[float]] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     started = time.perf_counter()
-    with DaemonProcess(work / "daemon", cpu_only("2GiB")) as daemon:
+    with DaemonProcess(work / "daemon", cpu_only("2GiB", shm_direct_reads=not args.no_direct_reads)) as daemon:
         extra = {"address": daemon.address, "namespace": NAMESPACE, "codec": "raw"}
         base = {"model": model, "max_model_len": max_len, "warmup": True}
 

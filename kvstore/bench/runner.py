@@ -197,8 +197,8 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
             dst = c.buffer(size)
             if src is None or dst is None:
                 return Result("kvstore-shm", size, None, None, note="shared memory unavailable")
-            # As an engine's long-lived client would be: the arena's pages mapped here (in
-            # the background after attaching, 0.15-0.25 s per 4 GiB), so no get pays a fault.
+            # As a long-lived client would be: every page of the daemon's shared arena mapped
+            # here (0.15-0.25 s per 4 GiB), so no get pays a first-touch page fault.
             c.direct_reads_ready()
         else:
             src = torch.empty(size, dtype=torch.uint8)

@@ -266,15 +266,16 @@ class AsyncClient:
         reader = self._reader
         return 0 if reader is None or reader.arena is None else reader.arena.reads
 
-    async def direct_reads_ready(self, timeout_s: float = 30.0) -> bool:
+    async def direct_reads_ready(self) -> bool:
         """Register the segment (mapping the daemon's shared arena, if offered)
-        and wait (up to ``timeout_s``) until this process has mapped all of the
-        arena's pages, so that no get pays a page fault; see ``Client``'s."""
+        and map every page of the arena into this process, in a worker thread;
+        see ``Client.direct_reads_ready``."""
         await self._shm()
         reader = self._reader
         if reader is None or reader.arena is None:
             return False
-        return await asyncio.to_thread(reader.arena.populated.wait, timeout_s)
+        await asyncio.to_thread(reader.arena.populate)
+        return True
 
     def _read_shared(self, key: str, out: torch.Tensor | None) -> Fetched | None:
         """The chunk read from the daemon's shared arena (copied on this thread: a

@@ -47,7 +47,6 @@ import mmap
 import os
 import platform
 import struct
-import threading
 import warnings
 
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +75,6 @@ _EMPTY = bytes(16)
 #: Reads this large are copied by two threads (kvstore/tiers/copier.py).
 SPLIT_MIN = 8 << 20
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
-_POPULATE_STEP = 64 << 20
 _SLOT_CACHE = 1 << 16
 
 
@@ -276,30 +274,25 @@ class ArenaReader:
         #: Slot offset -> (seq, (offset, nbytes, meta)) as last decoded: a slot whose seq is
         #: unchanged is unchanged, so a key read again is not decoded again.
         self._slots: dict[int, tuple[int, tuple[int, int, ChunkMeta]]] = {}
-        #: Set once this process's page tables cover the whole arena (see _populate).
-        self.populated = threading.Event()
-        threading.Thread(target=self._populate, name="kvstore-arena-populate", daemon=True).start()
+        self._populated = False
 
-    def _populate(self) -> None:
-        """Map every page of the arena in this process, in the background.
+    def populate(self) -> None:
+        """Map every page of the arena in this process, now (on the calling thread,
+        without the GIL: 0.15-0.25 s per 4 GiB here).
 
-        The first read of a page through this mapping takes a page fault:
-        100 us per MiB here, more than the copy (70-90 us per MiB).  The daemon
-        reuses freed blocks anywhere in the arena, so without this a client
-        keeps meeting pages it never read.  Populating costs 40-60 us per MiB
-        once (0.15-0.25 s for 4 GiB, on this thread, without the GIL) and the
-        page tables (2 MiB per GiB) a client builds anyway as it reads.
+        The first read of a page through this mapping takes a page fault: 100 us
+        per MiB here, more than the copy (70-90 us per MiB), and the daemon
+        reuses freed blocks anywhere in the arena, so a new client keeps meeting
+        pages it never read.  This pays for all of them at once, and costs the
+        page tables (2 MiB per GiB) a client builds anyway as it reads.  Not done
+        unasked: a thread doing it in the background held up engines' first
+        requests (it competes for the cores, and for the GIL between calls).
         """
-        try:
-            base = self.arena.data_ptr()
-            for off in range(0, self.arena_bytes, _POPULATE_STEP):
-                if self._closed:
-                    return
-                n = min(_POPULATE_STEP, self.arena_bytes - off)
-                if _madvise(base + off, n, _MADV_POPULATE_READ) != 0:  # kernels before 5.14
-                    self.arena[off : off + n : mmap.PAGESIZE].max()
-        finally:
-            self.populated.set()
+        if self._populated:
+            return
+        if _madvise(self.arena.data_ptr(), self.arena_bytes, _MADV_POPULATE_READ) != 0:  # before Linux 5.14
+            self.arena[:: mmap.PAGESIZE].max()
+        self._populated = True
 
     @property
     def open(self) -> bool:

@@ -217,7 +217,7 @@ async def test_the_async_client_reads_directly_too(server: DaemonProcess) -> Non
 
 def test_direct_reads_ready_maps_the_arena(server: DaemonProcess, tmp_path: Path) -> None:
     with kvstore.Client(server.address) as c:
-        assert c.direct_reads_ready(timeout_s=30)  # registers, attaches, waits for the page tables
+        assert c.direct_reads_ready()  # registers, attaches, maps every page
         c.put(key(9, model="ready"), b"r" * 5000)
         assert c.get_bytes(key(9, model="ready")) == b"r" * 5000 and c.direct_reads == 1
     with kvstore.Client(server.address, shm=False) as c:
@@ -231,4 +231,4 @@ def test_direct_reads_ready_maps_the_arena(server: DaemonProcess, tmp_path: Path
 
 async def test_async_direct_reads_ready(server: DaemonProcess) -> None:
     async with kvstore.AsyncClient(server.address) as c:
-        assert await c.direct_reads_ready(timeout_s=30)
+        assert await c.direct_reads_ready()
