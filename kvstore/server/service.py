@@ -378,7 +378,9 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         from kvstore.server.shm import FailedPrecondition
 
         if self._tokens is not None:
-            raise FailedPrecondition("direct reads are off: the daemon has a token file, and its memory holds every tenant's chunks")
+            raise FailedPrecondition(
+                "direct reads are off: the daemon has a token file, and its memory holds every tenant's chunks"
+            )
         if not self._direct_reads:
             raise FailedPrecondition("direct reads are off (server.shm_direct_reads: false)")
         tier = self._store.shared_tier()
