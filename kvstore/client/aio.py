@@ -168,6 +168,7 @@ class AsyncClient:
     # -- lifecycle -----------------------------------------------------------
     async def close(self) -> None:
         self._drop_control()
+        self._drop_reader()
         seg, self._segment = self._segment, None
         if seg is not None:
             with contextlib.suppress(KVStoreError, grpc.aio.AioRpcError):
@@ -256,6 +257,10 @@ class AsyncClient:
         ctl, self._control = self._control, None
         if ctl is not None:
             ctl.close()
+
+    def _drop_reader(self) -> None:
+        """The shared arena goes with the segment it was attached for (not with a
+        control connection that broke: the reader has its own)."""
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
@@ -322,6 +327,7 @@ class AsyncClient:
         new segment (the old one's name is gone, so it cannot be registered again)."""
         if self._segment is seg:
             self._drop_control()
+            self._drop_reader()
             self._segment = None
             self._shm_tried = False
             # Unlink, do not unmap: tensors the caller holds (``buffer()``, the value of

@@ -390,15 +390,14 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
     def note_shared_reads(self, reads: list[tuple[str, float]], principal: Principal) -> None:
         """Count reads a client made from the shared arena, as gets served from its tier."""
-        tier = self._store.shared_tier()
         for text, seconds in reads:
             try:
                 key = parse_key(text, "key")
             except InvalidArgument:
                 continue
-            n = self._store.note_shared_read(key)
-            if n is not None and tier is not None:
-                self._metrics.record_read(key, tier.name, n, seconds)
+            read = self._store.note_shared_read(key)
+            if read is not None:
+                self._metrics.record_read(key, *read, seconds)
                 self._metrics.shared_reads += 1
 
     def _segs(self) -> SegmentTable:

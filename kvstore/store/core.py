@@ -358,19 +358,19 @@ class StoreCore:
                 return slot.tier
         return None
 
-    def note_shared_read(self, key: ChunkKey) -> int | None:
+    def note_shared_read(self, key: ChunkKey) -> tuple[str, int] | None:
         """A read of ``key`` a client made from :meth:`shared_tier`'s arena: count
         it and refresh the key's place in that tier's eviction order as a get
-        would.  The chunk's size, or None if the tier no longer holds it."""
+        would.  The tier's name and the chunk's size, or None if the tier no
+        longer holds it."""
         tier = self.shared_tier()
-        if tier is None:
+        n = None if tier is None else tier.note_shared_read(key)
+        if tier is None or n is None:
             return None
-        n = tier.note_shared_read(key)
-        if n is not None:
-            slot = self._slot(tier.name)
-            if key in slot.sizes:
-                slot.policy.access(key)
-        return n
+        slot = self._slot(tier.name)
+        if key in slot.sizes:
+            slot.policy.access(key)
+        return tier.name, n
 
     async def _promote(self, key: ChunkKey, chunk: Chunk, source: Slot) -> None:
         top = self._slots[0]

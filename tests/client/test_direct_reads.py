@@ -28,6 +28,8 @@ from kvstore.tiers.shared_arena import SUPPORTED
 from tests.server import MiB, key
 from tests.support.daemon import DaemonProcess, cpu_only
 
+# The daemon offers its arena only on x86-64 (the seqlock relies on its memory ordering), so
+# elsewhere there is nothing to test; CI and the development machine are x86-64 and run these.
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 
 DTYPES = [torch.uint8, torch.int32, torch.float16, torch.bfloat16, torch.float32]
@@ -232,3 +234,16 @@ def test_direct_reads_ready_maps_the_arena(server: DaemonProcess, tmp_path: Path
 async def test_async_direct_reads_ready(server: DaemonProcess) -> None:
     async with kvstore.AsyncClient(server.address) as c:
         assert await c.direct_reads_ready()
+
+
+async def test_async_direct_reads_outlive_a_broken_control_channel(server: DaemonProcess) -> None:
+    """The arena reader has its own connection: the control channel breaking (a
+    cancelled call does that) sends ShmPut/ShmGet over gRPC, not gets to the daemon."""
+    k = key(4, model="async-broken")
+    async with kvstore.AsyncClient(server.address) as c:
+        await c.put(k, b"b" * 70_000)
+        assert await c.get_bytes(k) == b"b" * 70_000 and c.direct_reads == 1
+        assert c._control is not None  # noqa: SLF001 - break what a cancelled call breaks
+        c._control.close()  # noqa: SLF001
+        await c.put(k, b"c" * 70_000)  # over gRPC now
+        assert await c.get_bytes(k) == b"c" * 70_000 and c.direct_reads == 2
