@@ -111,6 +111,29 @@ class PeakSampler:
         self._thread.join()
 
 
+def idle_resident(
+    daemon_factory: Callable[..., DaemonProcess], config: dict[str, Any], name: str, *, read: bool
+) -> int:
+    """Resident memory of a daemon of ``config`` that stored (and, with ``read``,
+    served) one 1 MiB chunk: what it needs to run, measured on a probe then stopped."""
+    probe = daemon_factory(config, name=name)
+    with own_channel(probe.address) as ch:
+        raw_put(stub(ch), [(key(0), blob(0, MiB))])
+        if read:
+            raw_get(stub(ch), [key(0)])
+    idle = resident_bytes(probe.proc.pid)  # type: ignore[union-attr]
+    probe.stop()
+    return idle
+
+
+def run_sampled(pid: int, work: Callable[[int], None], workers: int) -> PeakSampler:
+    """``work(0)`` ... ``work(workers - 1)`` at once, sampling ``pid``'s resident memory meanwhile."""
+    with PeakSampler(pid) as rss:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(workers)))
+    return rss
+
+
 FLOOD_CLIENTS, FLOOD_PUTS, FLOOD_CHUNK = 8, 4, 24 * MiB
 
 
@@ -121,11 +144,7 @@ def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
     # its arena is resident from the start, so it is part of the idle figure.
     tier = f"{FLOOD_CLIENTS * FLOOD_PUTS * FLOOD_CHUNK // MiB + 32}MiB"
     # Measure an idle daemon first: the bound is set just above what it needs to run.
-    probe = daemon_factory(cpu_only(tier), name="probe")
-    with own_channel(probe.address) as ch:
-        raw_put(stub(ch), [(key(0), blob(0, MiB))])
-    idle = resident_bytes(probe.proc.pid)  # type: ignore[union-attr]
-    probe.stop()
+    idle = idle_resident(daemon_factory, cpu_only(tier), "probe", read=False)
     bound = idle + 128 * MiB
     d = daemon_factory(cpu_only(tier, limits={"max_memory": bound}), name="bounded")
     acked: dict[str, bytes] = {}
@@ -152,9 +171,7 @@ def test_memory_bound_refuses_puts_before_resident_memory_passes_it(
                 with lock:
                     acked[k] = values[w]
 
-    with PeakSampler(d.proc.pid) as rss:  # type: ignore[union-attr]
-        with ThreadPoolExecutor(FLOOD_CLIENTS) as pool:
-            list(pool.map(flood, range(FLOOD_CLIENTS)))
+    rss = run_sampled(d.proc.pid, flood, FLOOD_CLIENTS)  # type: ignore[union-attr]
     summary = (
         f"idle {idle / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB, peak {rss.peak / MiB:.0f} MiB "
         f"({rss.samples} samples), {len(acked)} puts acknowledged, {len(refused)} refused"
@@ -190,12 +207,7 @@ def test_memory_bound_counts_the_copies_gets_read_from_disk(
     """A get served from disk holds a copy of its chunk while it streams: those copies
     are charged against the bound, and a get that could pass it is refused."""
     values = {key(500 + i): blob(50 + i, GET_CHUNK) for i in range(GET_KEYS)}
-    probe = daemon_factory(disk_only(tmp_path / "probe"), name="probe-get")
-    with own_channel(probe.address) as ch:
-        raw_put(stub(ch), [(key(0), blob(0, MiB))])
-        raw_get(stub(ch), [key(0)])
-    idle = resident_bytes(probe.proc.pid)  # type: ignore[union-attr]
-    probe.stop()
+    idle = idle_resident(daemon_factory, disk_only(tmp_path / "probe"), "probe-get", read=True)
     bound = idle + 96 * MiB
     d = daemon_factory(disk_only(tmp_path / "bounded", limits={"max_memory": bound}), name="bounded-get")
     with own_channel(d.address) as ch:
@@ -223,9 +235,7 @@ def test_memory_bound_counts_the_copies_gets_read_from_disk(
                 with lock:
                     served.append(k)
 
-    with PeakSampler(d.proc.pid) as rss:  # type: ignore[union-attr]
-        with ThreadPoolExecutor(GET_CLIENTS) as pool:
-            list(pool.map(reader, range(GET_CLIENTS)))
+    rss = run_sampled(d.proc.pid, reader, GET_CLIENTS)  # type: ignore[union-attr]
     summary = (
         f"idle {idle / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB, peak {rss.peak / MiB:.0f} MiB "
         f"({rss.samples} samples), {len(served)} gets served, {len(refused)} refused"

@@ -20,6 +20,8 @@ from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers import shared_arena as sa
 from kvstore.tiers.memory import MemoryTier
 
+# Only x86-64 gives the seqlock the load/store ordering it relies on, so the daemon shares its
+# arena nowhere else; CI and the development machine are x86-64 and run these.
 pytestmark = pytest.mark.skipif(not sa.SUPPORTED, reason="the shared arena is offered on x86-64 only")
 
 MiB = 1 << 20
