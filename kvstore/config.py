@@ -191,6 +191,12 @@ class ServerConfig:
     #: Let those clients read chunks in the CPU tier straight from its memory (read-only),
     #: skipping a request per get; only without token_file (kvstore/tiers/shared_arena.py).
     shm_direct_reads: bool = True
+    #: Serve Get also on a listener of kvstore's own (HTTP/2, the same gRPC method, without
+    #: grpcio's per-call costs; kvstore/server/h2get.py), whose port the daemon tells clients.
+    http2_get: bool = True
+    #: Its port on ``host``; 0 = any free port (clients learn it from the daemon).  Set a fixed
+    #: one where a firewall or a Kubernetes Service must let it through (the Helm chart: 51062).
+    http2_get_port: int = 0
     #: Most streams in flight at once (across clients); more wait.
     max_concurrent_streams: int = 256
     #: Seconds to let streams in flight finish on SIGTERM before cancelling them.
@@ -207,6 +213,9 @@ class ServerConfig:
         if not self.host:
             raise ConfigError("server.host must not be empty")
         _int(self.port, "server.port", 0, 65535)
+        _int(self.http2_get_port, "server.http2_get_port", 0, 65535)
+        if self.http2_get and self.http2_get_port and self.http2_get_port == self.port:
+            raise ConfigError(f"server.http2_get_port: {self.http2_get_port} is server.port too; pick another (or 0)")
         _int(self.frame_bytes, "server.frame_bytes", 4096, 64 << 20)
         _int(self.max_chunk_bytes, "server.max_chunk_bytes", 1, 1 << 40)
         _int(self.max_batch, "server.max_batch", 1, 1 << 24)
@@ -409,7 +418,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 # -- building ---------------------------------------------------------------
 _SERVER_FIELDS = {
     "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm", "shm_direct_reads",
-    "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
+    "http2_get", "http2_get_port", "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
 }
 _LIMITS_FIELDS = {"max_memory", "max_inflight", "max_streams_per_client", "stream_wait_s", "tenant_quotas"}
 #: TierConfig field -> its name in a config file, for the remote-tier options.
@@ -449,6 +458,8 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
         ),
         shm=_bool(d.get("shm", True), "server.shm"),
         shm_direct_reads=_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
+        http2_get=_bool(d.get("http2_get", True), "server.http2_get"),
+        http2_get_port=_int(d.get("http2_get_port", 0), "server.http2_get_port", 0, 65535),
         max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),
         grace_s=float(_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
         metrics_port=_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),

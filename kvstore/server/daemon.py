@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from kvstore.config import DaemonConfig
+from kvstore.config import DaemonConfig, TLSConfig
 from kvstore.errors import InvalidArgument
 from kvstore.keys import Namespace
 from kvstore.metrics import Metrics, MetricsServer
@@ -31,6 +32,8 @@ from kvstore.server import frames
 from kvstore.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from kvstore.server.admin import AdminService, admin_handlers
 from kvstore.server.auth import TokenTable
+from kvstore.http2 import ASK_HEADER, PORT_HEADER
+from kvstore.server.h2get import GetListener
 from kvstore.server.limits import server_options
 from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService, lenient
 from kvstore.store import TieredStore
@@ -67,20 +70,25 @@ def _unary(fn: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awa
     return handle
 
 
-def _get(service: KVStoreService) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _get(service: KVStoreService, get_port: Callable[[], int]) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         if isinstance(request, InvalidArgument):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+        port = get_port()
+        if port and any(k == ASK_HEADER for k, _ in context.invocation_metadata() or ()):
+            await context.send_initial_metadata(((PORT_HEADER, str(port)),))
         async for frame in service.Get(request, context):
             yield frame
 
     return handle
 
 
-def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
+def kvstore_handlers(service: KVStoreService, get_port: Callable[[], int] = lambda: 0) -> grpc.GenericRpcHandler:
     """The KVStore service's handlers, with fast data-frame (de)serialisers for
     Put and Get (see :mod:`kvstore.server.frames`); the wire format is unchanged.
-    Malformed requests are answered INVALID_ARGUMENT (see :func:`~kvstore.server.service.lenient`)."""
+    Malformed requests are answered INVALID_ARGUMENT (see :func:`~kvstore.server.service.lenient`).
+    A Get that asks (:data:`~kvstore.server.h2get.ASK_HEADER`) is told ``get_port()``, the
+    port of the daemon's HTTP/2 Get listener, when that is not 0."""
     unary: dict[str, tuple[type[Message], type[Message]]] = {
         "Lookup": (pb.LookupRequest, pb.LookupReply),
         "Exists": (pb.ExistsRequest, pb.ExistsReply),
@@ -100,9 +108,24 @@ def kvstore_handlers(service: KVStoreService) -> grpc.GenericRpcHandler:
         service.Put, request_deserializer=frames.decoder(pb.PutFrame), response_serializer=pb.PutReply.SerializeToString
     )
     handlers["Get"] = grpc.unary_stream_rpc_method_handler(
-        _get(service), request_deserializer=lenient(pb.GetRequest), response_serializer=frames.encode
+        _get(service, get_port), request_deserializer=lenient(pb.GetRequest), response_serializer=frames.encode
     )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _tls_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The HTTP/2 Get listener's TLS (the gRPC port's certificate, key and client CA), or None."""
+    if not tls.enabled:
+        return None
+    assert tls.cert is not None and tls.key is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.set_alpn_protocols(["h2"])
+    if tls.client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(tls.client_ca)
+    return ctx
 
 
 def build_store(cfg: DaemonConfig) -> TieredStore:
@@ -136,6 +159,8 @@ class Daemon:
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        #: The HTTP/2 Get listener (server.http2_get), once started.
+        self.get_listener: GetListener | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -144,7 +169,8 @@ class Daemon:
         frame = self.cfg.server.frame_bytes
         options = server_options(channel_options(frame), self.cfg.server.limits, frame)
         server = grpc.aio.server(options=options, interceptors=[self.metrics.interceptor])
-        server.add_generic_rpc_handlers((kvstore_handlers(self.service), admin_handlers(self.admin)))
+        get_port = lambda: 0 if self.get_listener is None else self.get_listener.port  # noqa: E731
+        server.add_generic_rpc_handlers((kvstore_handlers(self.service, get_port), admin_handlers(self.admin)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -173,6 +199,22 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_server.port)
         await server.start()
         self._server = server
+        if self.cfg.server.http2_get:
+            listener = GetListener(
+                self.service, self.metrics, host=self.cfg.server.host, port=self.cfg.server.http2_get_port,
+                main_port=self.port, tls=_tls_context(tls), max_streams=self.cfg.server.max_concurrent_streams,
+            )
+            try:
+                await listener.start()
+            except OSError as exc:
+                await server.stop(0)
+                self._server = None
+                raise OSError(
+                    exc.errno, f"server.http2_get_port {self.cfg.server.http2_get_port}: cannot listen there ({exc.strerror}); "
+                    "pick another port, 0 for any free one, or turn the listener off (server.http2_get: false)",
+                ) from None
+            self.get_listener = listener
+            log.info("HTTP/2 Get listener on %s:%d", self.cfg.server.host, listener.port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -187,7 +229,11 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         grace_s = self.cfg.server.grace_s if grace is None else grace
         # Both doors close together; what either acknowledged is in the store before it closes (and flushes).
-        await asyncio.gather(self._server.stop(grace_s), self.service.drain(grace_s))
+        listener = self.get_listener
+        await asyncio.gather(
+            self._server.stop(grace_s), self.service.drain(grace_s), *([listener.stop(grace_s)] if listener else [])
+        )
+        self.get_listener = None
         self._server = None
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -212,6 +258,8 @@ class Daemon:
             stop.set()
             if hits > 1 and self._server is not None:
                 asyncio.ensure_future(self._server.stop(0))
+                if self.get_listener is not None:
+                    self.get_listener.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)

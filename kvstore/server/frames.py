@@ -51,17 +51,26 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def encode(frame: Message | memoryview | bytes | HeaderWithData) -> bytes:
-    """A header message, raw data bytes, or a header with its first data, as a serialised frame."""
+def parts(frame: Message | memoryview | bytes | HeaderWithData) -> tuple[bytes | memoryview, ...]:
+    """A header message, raw data bytes, or a header with its first data, as the
+    pieces of its serialised frame, payload bytes not copied (kvstore/server/h2get.py
+    writes them to the socket as they are)."""
     if isinstance(frame, Message):
-        return frame.SerializeToString()
+        return (frame.SerializeToString(),)
     if isinstance(frame, HeaderWithData):
         head = frame.header.SerializeToString()
         n = len(frame.data)
         size = _varint(n)
         body = len(head) + 1 + len(size) + n
-        return b"".join((bytes((HEADER_TAG,)), _varint(body), head, bytes((INLINE_DATA_TAG,)), size, frame.data))
-    return b"".join((bytes((DATA_TAG,)), _varint(len(frame)), frame))
+        return b"".join((bytes((HEADER_TAG,)), _varint(body), head, bytes((INLINE_DATA_TAG,)), size)), frame.data
+    return bytes((DATA_TAG,)) + _varint(len(frame)), frame
+
+
+def encode(frame: Message | memoryview | bytes | HeaderWithData) -> bytes:
+    """A header message, raw data bytes, or a header with its first data, as a serialised frame."""
+    if isinstance(frame, Message):
+        return frame.SerializeToString()
+    return b"".join(parts(frame))
 
 
 def _data_view(raw: bytes) -> memoryview | None:

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 import kvstore
-from kvstore.client.h2get import H2GetConnection, _data_prefix, _hpack_int, _inline_data_at, _literal, parse_address
+from kvstore.client.h2get import H2GetConnection, _data_prefix, _inline_data_at, parse_address
+from kvstore.http2 import hpack_int as _hpack_int, literal as _literal
 from kvstore.server.frames import HeaderWithData, _varint, encode
 from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
 from kvstore.v1 import kvstore_pb2 as pb

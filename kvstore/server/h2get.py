@@ -1,0 +1,672 @@
+"""The daemon's own listener for ``KVStore/Get``: the same gRPC method, served
+over HTTP/2 by kvstore instead of grpcio.
+
+Why: grpcio's server costs about 1.4 ms for one 1 MiB reply message on the
+2-core development VM (``benchmarks/bench_grpc_messages.py``: a bare
+grpc.aio handler, no kvstore code), while Redis answers a 1 MiB GET in
+0.4-0.7 ms; every call crosses grpc's poller thread, the asyncio loop and
+the handler, and the payload is copied into a message.  Here the request is
+parsed from the socket's bytes on the daemon's event loop and each chunk's
+payload goes to the socket from the tier's memory as it lies.
+
+The listener runs the daemon's own Get handler
+(:meth:`~kvstore.server.service.KVStoreService.Get`): the same keys, tokens,
+tenant checks, stream limits, metrics and messages.  The sync client learns
+its port from the Get reply's initial metadata (it asks with the request
+header :data:`ASK_HEADER`; the daemon answers :data:`PORT_HEADER`) and moves
+its gets there; any gRPC client may call Get on this port (grpcio is tested
+as one).  Every other method is answered UNIMPLEMENTED with the main port.
+
+What it implements (RFC 9113, server side, and gRPC's "PROTOCOL-HTTP2"):
+
+* the client preface and SETTINGS both ways; flow control on what it sends
+  (connection and stream windows, the peer's SETTINGS_INITIAL_WINDOW_SIZE and
+  SETTINGS_MAX_FRAME_SIZE), WINDOW_UPDATE for what it receives;
+* header blocks with CONTINUATION, decoded with ``hpack``; replies written as
+  HPACK literals (no state); a trailers-only reply for errors before any
+  message; ``grpc-timeout`` as the call's deadline;
+* PING, RST_STREAM (cancels the call and releases what it held), GOAWAY both
+  ways; bad frames close the connection with GOAWAY and the matching error code;
+* graceful stop: GOAWAY, calls in flight finish (up to the grace period),
+  then the connections close.
+
+Not implemented: compressed messages (UNIMPLEMENTED), server push,
+priorities (ignored), HTTP/1.1 (answered 505 and closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import struct
+import time
+from typing import Any, NoReturn
+
+import grpc
+import hpack
+
+from kvstore.http2 import (
+    ACK, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GET_PATH,
+    GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING, PREFACE, PRIORITY_FLAG,
+    PROTOCOL_ERROR, PUSH_PROMISE, REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE, STATUS_NAMES,
+    STREAM_CLOSED, WINDOW_UPDATE, COMPRESSION_ERROR, frame, frame_header, grpc_message, literal, parse_frame_header,
+    parse_grpc_timeout, stateless_fields,
+)
+from kvstore.metrics import Metrics
+from kvstore.server import frames
+from kvstore.server.service import KVStoreService, lenient
+from kvstore.v1 import kvstore_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: Receive window given to each stream and to the connection (requests are small).
+RECV_WINDOW = 1 << 20
+#: Largest request message accepted (a GetRequest of many keys); larger: RESOURCE_EXHAUSTED.
+MAX_REQUEST = 16 << 20
+#: Largest header block accepted (with its CONTINUATION frames).
+MAX_HEADER_LIST = 64 << 10
+#: The transport's buffer above which a call waits before writing its next frame.
+WRITE_HIGH = 1 << 20
+#: SO_SNDBUF of each connection (the kernel caps it at net.core.wmem_max).
+SOCKET_BUFFER = 4 << 20
+
+# gRPC status codes.
+OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 4, 8, 12, 13
+
+#: ``:status 200`` (static table index 8) and the content type.
+_REPLY_HEADERS = b"\x88" + literal("content-type", "application/grpc")
+_OK_TRAILERS = literal("grpc-status", "0")
+
+
+class _ConnectionError(Exception):
+    """The peer broke the protocol: GOAWAY with ``code`` and close."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Abort(Exception):
+    """The handler ended the call with a status (``context.abort``)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Context:
+    """The part of ``grpc.aio.ServicerContext`` that the Get handler uses."""
+
+    def __init__(self, peer: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._peer = peer
+        self._metadata = metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise _Abort(code.value[0], details)
+
+
+class _Stream:
+    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended")
+
+    def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
+        self.id = stream_id
+        self.fields = fields
+        self.body = bytearray()
+        self.window = window  # bytes we may still send on it
+        self.unacked = 0  # bytes received and not yet given back
+        self.task: asyncio.Task[None] | None = None
+        self.replying = False  # response headers sent
+        self.ended = False  # trailers sent
+
+
+def _progress(reply: object, keys_left: int, chunk_left: int) -> tuple[int, int]:
+    """Keys whose reply is not complete yet, and bytes the current chunk still
+    needs, after ``reply`` (an item of the Get handler's stream)."""
+    if isinstance(reply, frames.HeaderWithData):
+        header, inline = reply.header, len(reply.data)
+    elif isinstance(reply, pb.GetFrame):
+        header, inline = reply.header, 0
+    else:  # payload bytes of the current chunk
+        chunk_left -= len(reply)  # type: ignore[arg-type]
+        return (keys_left - 1, 0) if chunk_left <= 0 else (keys_left, chunk_left)
+    assert isinstance(header, pb.GetHeader)
+    rest = header.meta.nbytes - inline if header.found else 0
+    return (keys_left - 1, 0) if rest <= 0 else (keys_left, rest)
+
+
+class GetListener:
+    """Serves ``KVStore/Get`` on its own port; see the module docstring."""
+
+    def __init__(
+        self,
+        service: KVStoreService,
+        metrics: Metrics,
+        *,
+        host: str,
+        port: int,
+        main_port: int,
+        tls: ssl.SSLContext | None = None,
+        max_streams: int = 256,
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self._host, self._port, self.main_port = host, port, main_port
+        self._tls = tls
+        self.max_streams = max_streams
+        self._server: asyncio.Server | None = None
+        self.connections: set[_Connection] = set()
+        self.port = 0
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self._host, self._port, ssl=self._tls, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Accept nothing new, send GOAWAY, let the calls in flight finish for up to
+        ``grace_s`` seconds (None: as long as they take), cancel the rest, close."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        for conn in list(self.connections):
+            conn.go_away()
+        tasks = [t for conn in self.connections for t in conn.tasks()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5.0)
+        for conn in list(self.connections):
+            conn.close()
+
+    def cancel(self) -> None:
+        """Cancel the calls in flight (a second SIGTERM during :meth:`stop`)."""
+        for conn in list(self.connections):
+            for task in conn.tasks():
+                task.cancel()
+
+
+class _Connection(asyncio.Protocol):
+    """One client's HTTP/2 connection."""
+
+    def __init__(self, listener: GetListener) -> None:
+        self._listener = listener
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._preface = False
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = MAX_HEADER_LIST
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream = 0
+        self._window = DEFAULT_WINDOW  # connection: bytes we may still send
+        self._initial = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self._max_frame = MIN_FRAME  # the peer's SETTINGS_MAX_FRAME_SIZE
+        self._received = 0  # connection: bytes received and not yet given back
+        self._changed = asyncio.Event()  # a window grew, writing resumed, or the connection went
+        self._paused = False
+        self._closed = False
+        self._going = False  # our GOAWAY sent: no new streams
+        self._peer_going = False
+        self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
+        self.peer = "unknown"
+        self._sock: socket.socket | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # A send buffer the size of a chunk: the kernel takes a 1 MiB reply in one
+                # copy instead of pacing it to the reader.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            if transport.get_extra_info("sslcontext") is None:
+                # Our own handle on the socket, for writes of several pieces in one
+                # sendmsg while the transport has nothing buffered (see _write_pieces).
+                self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        name = transport.get_extra_info("peername")
+        if isinstance(name, tuple) and len(name) >= 2:
+            self.peer = f"ipv6:[{name[0]}]:{name[1]}" if ":" in str(name[0]) else f"ipv4:{name[0]}:{name[1]}"
+        self._listener.connections.add(self)
+        settings = struct.pack(
+            ">HIHIHI",
+            SETTINGS_MAX_CONCURRENT_STREAMS, self._listener.max_streams,
+            SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
+            SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
+        )
+        transport.write(
+            frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECV_WINDOW - DEFAULT_WINDOW))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._listener.connections.discard(self)
+        for st in self._streams.values():
+            if st.task is not None:
+                st.task.cancel()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._buf += data
+        try:
+            self._parse()
+        except _ConnectionError as exc:
+            log.debug("HTTP/2 get listener: closing %s: %s", self.peer, exc)
+            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, exc.code) + str(exc).encode()[:256]))
+            self.close()
+
+    # -- control ---------------------------------------------------------------------
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [st.task for st in self._streams.values() if st.task is not None]
+
+    def go_away(self) -> None:
+        """Refuse new streams; close once those open have ended."""
+        if not self._going and not self._closed:
+            self._going = True
+            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, NO_ERROR)))
+        self._close_if_idle()
+
+    def close(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._closed = True
+            self._transport.close()
+        self._wake()
+
+    def _close_if_idle(self) -> None:
+        if (self._going or self._peer_going) and not self._streams:
+            self.close()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    # -- reading frames ----------------------------------------------------------------
+    def _parse(self) -> None:
+        buf = self._buf
+        if not self._preface:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buf)):
+                    self._not_http2()
+                return
+            if bytes(buf[: len(PREFACE)]) != PREFACE:
+                self._not_http2()
+                return
+            del buf[: len(PREFACE)]
+            self._preface = True
+        pos = 0
+        view = memoryview(buf)
+        try:
+            while len(buf) - pos >= 9 and not self._closed:
+                length, kind, flags, stream = parse_frame_header(view[pos : pos + 9])
+                if length > MIN_FRAME:  # we never raise SETTINGS_MAX_FRAME_SIZE
+                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes; at most {MIN_FRAME}")
+                if len(buf) - pos < 9 + length:
+                    break
+                payload = bytes(view[pos + 9 : pos + 9 + length])
+                pos += 9 + length
+                self._frame(kind, flags, stream, payload)
+        finally:
+            view.release()
+            del buf[:pos]
+
+    def _not_http2(self) -> None:
+        """Not an HTTP/2 client: say so in HTTP/1.1 and close."""
+        self._write(
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            b"This port serves gRPC (HTTP/2 with prior knowledge) KVStore/Get only.\n"
+        )
+        self.close()
+
+    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if self._continuing is not None and kind != CONTINUATION:
+            raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted by another frame")
+        if kind == DATA:
+            self._on_data(flags, stream, payload)
+        elif kind == HEADERS:
+            self._on_headers(flags, stream, payload)
+        elif kind == CONTINUATION:
+            self._on_continuation(flags, stream, payload)
+        elif kind == SETTINGS:
+            self._on_settings(flags, stream, payload)
+        elif kind == PING:
+            if stream != 0 or len(payload) != 8:
+                raise _ConnectionError(PROTOCOL_ERROR if stream else FRAME_SIZE_ERROR, "malformed PING")
+            if not flags & ACK:
+                self._write(frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(stream, payload)
+        elif kind == RST_STREAM:
+            if stream == 0 or len(payload) != 4:
+                raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
+            st = self._streams.pop(stream, None)
+            if st is not None and st.task is not None:
+                st.task.cancel()
+            self._close_if_idle()
+        elif kind == GOAWAY:
+            self._peer_going = True
+            self._close_if_idle()
+        elif kind == PUSH_PROMISE:
+            raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
+        # PRIORITY and unknown types: nothing to do (RFC 9113 5.5).
+
+    def _on_settings(self, flags: int, stream: int, payload: bytes) -> None:
+        if stream != 0:
+            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6 bytes")
+        for i in range(0, len(payload), 6):
+            ident, value = struct.unpack(">HI", payload[i : i + 6])
+            if ident == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value}")
+                delta, self._initial = value - self._initial, value
+                for st in self._streams.values():
+                    st.window += delta
+            elif ident == SETTINGS_MAX_FRAME_SIZE:
+                if not MIN_FRAME <= value <= MAX_FRAME:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
+                self._max_frame = value
+        self._write(frame(SETTINGS, ACK, 0))
+        self._wake()
+
+    def _on_window_update(self, stream: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
+        grow = int.from_bytes(payload, "big") & MAX_WINDOW
+        if stream == 0:
+            if grow == 0 or self._window + grow > MAX_WINDOW:
+                raise _ConnectionError(PROTOCOL_ERROR if grow == 0 else FLOW_CONTROL_ERROR, "bad connection WINDOW_UPDATE")
+            self._window += grow
+        else:
+            st = self._streams.get(stream)
+            if st is None:
+                return
+            if grow == 0 or st.window + grow > MAX_WINDOW:
+                self._reset(st, PROTOCOL_ERROR if grow == 0 else FLOW_CONTROL_ERROR)
+                return
+            st.window += grow
+        self._wake()
+
+    def _on_headers(self, flags: int, stream: int, payload: bytes) -> None:
+        if stream == 0 or stream % 2 == 0:
+            raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {stream}")
+        start, end = 0, len(payload)
+        if flags & PADDED:
+            if not payload:
+                raise _ConnectionError(PROTOCOL_ERROR, "padded HEADERS without its pad length")
+            start, end = 1, end - payload[0]
+        if flags & PRIORITY_FLAG:
+            start += 5
+        if start > end:
+            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS padding longer than the frame")
+        fragment = payload[start:end]
+        if flags & END_HEADERS:
+            self._on_block(stream, flags, fragment)
+        else:
+            self._continuing = (stream, flags, [fragment], len(fragment))
+
+    def _on_continuation(self, flags: int, stream: int, payload: bytes) -> None:
+        if self._continuing is None or self._continuing[0] != stream:
+            raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        first, first_flags, parts, size = self._continuing
+        size += len(payload)
+        if size > MAX_HEADER_LIST:
+            raise _ConnectionError(PROTOCOL_ERROR, f"header block over {MAX_HEADER_LIST} bytes")
+        parts.append(payload)
+        self._continuing = (first, first_flags, parts, size)
+        if flags & END_HEADERS:
+            self._continuing = None
+            self._on_block(stream, first_flags, b"".join(parts))
+
+    def _on_block(self, stream: int, flags: int, block: bytes) -> None:
+        fields = stateless_fields(block)
+        if fields is None:  # a block that uses or changes HPACK's table (grpcio's, say)
+            try:
+                fields = [(str(k), str(v)) for k, v in self._decoder.decode(block)]
+            except hpack.HPACKError as exc:
+                raise _ConnectionError(COMPRESSION_ERROR, f"undecodable header block: {exc}") from None
+        st = self._streams.get(stream)
+        if st is not None:  # trailers of the request: they end it
+            if not flags & END_STREAM or st.task is not None:
+                self._reset(st, PROTOCOL_ERROR)
+                return
+            self._start(st)
+            return
+        if stream <= self._last_stream:
+            raise _ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {stream}")
+        self._last_stream = stream
+        if self._going or len(self._streams) >= self._listener.max_streams:
+            self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", REFUSED_STREAM)))
+            return
+        st = self._streams[stream] = _Stream(stream, fields, self._initial)
+        if flags & END_STREAM:
+            self._start(st)
+
+    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
+        self._received += len(payload)
+        if self._received >= RECV_WINDOW // 2:
+            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
+            self._received = 0
+        if stream == 0 or stream > self._last_stream:
+            raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {stream}")
+        st = self._streams.get(stream)
+        if st is None or st.task is not None:
+            self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", STREAM_CLOSED)))
+            return
+        start, end = 0, len(payload)
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise _ConnectionError(PROTOCOL_ERROR, "DATA padding longer than the frame")
+            start, end = 1, end - payload[0]
+        st.body += payload[start:end]
+        if len(st.body) > MAX_REQUEST + 5:
+            self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
+            self._reset(st, NO_ERROR)
+            return
+        if flags & END_STREAM:
+            self._start(st)
+            return
+        st.unacked += len(payload)
+        if st.unacked >= RECV_WINDOW // 2:
+            self._write(frame(WINDOW_UPDATE, 0, stream, struct.pack(">I", st.unacked)))
+            st.unacked = 0
+
+    def _reset(self, st: _Stream, code: int) -> None:
+        self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", code)))
+        self._streams.pop(st.id, None)
+        if st.task is not None:
+            st.task.cancel()
+        self._close_if_idle()
+
+    # -- a call -----------------------------------------------------------------------
+    def _start(self, st: _Stream) -> None:
+        st.task = asyncio.get_running_loop().create_task(self._serve(st))
+
+    async def _serve(self, st: _Stream) -> None:
+        started, name = time.perf_counter(), "UNKNOWN"
+        try:
+            code, message = await self._call(st)
+            name = STATUS_NAMES.get(code, "UNKNOWN")
+            self._end(st, code, message)
+        except (asyncio.CancelledError, ConnectionError):
+            name = "CANCELLED"  # the client reset the stream or went away
+        except Exception:
+            log.exception("HTTP/2 get listener: a call failed")
+            name = "INTERNAL"
+            self._end(st, INTERNAL, "internal error in the daemon (see its log)")
+        finally:
+            self._listener.metrics.observe_rpc("KVStore/Get", time.perf_counter() - started, name)
+            if self._streams.get(st.id) is st:
+                del self._streams[st.id]
+            self._close_if_idle()
+
+    async def _call(self, st: _Stream) -> tuple[int, str]:
+        """Run the call; its status."""
+        fields = st.fields
+        head = {k: v for k, v in fields if k.startswith(":") or k in ("content-type", "grpc-timeout", "grpc-encoding")}
+        ctype = head.get("content-type", "")
+        if head.get(":method") != "POST":
+            return UNIMPLEMENTED, f"HTTP method {head.get(':method')!r}: gRPC calls are POST"
+        if not (ctype == "application/grpc" or ctype.startswith(("application/grpc+proto", "application/grpc;"))):
+            return UNIMPLEMENTED, f"content-type {ctype!r}: this port serves gRPC (application/grpc) only"
+        path = head.get(":path", "")
+        if path != GET_PATH:
+            return UNIMPLEMENTED, (
+                f"{path}: this port serves {GET_PATH} only; the daemon's other methods are on its gRPC port "
+                f"{self._listener.main_port}"
+            )
+        timeout_s: float | None = None
+        if "grpc-timeout" in head:
+            try:
+                timeout_s = parse_grpc_timeout(head["grpc-timeout"])
+            except ValueError as exc:
+                return INVALID_ARGUMENT, str(exc)
+        body = st.body
+        if len(body) < 5:
+            return INVALID_ARGUMENT, "the call carries no request message: send one GetRequest"
+        flag, size = struct.unpack(">BI", body[:5])
+        if flag:
+            return UNIMPLEMENTED, "compressed request: this port takes uncompressed messages (grpc-encoding identity)"
+        if size != len(body) - 5:
+            return INVALID_ARGUMENT, f"the request holds {len(body) - 5} bytes after its prefix, which says {size}: send one GetRequest"
+        request = lenient(pb.GetRequest)(bytes(body[5:]))
+        st.body = bytearray()
+        if not isinstance(request, pb.GetRequest):
+            return INVALID_ARGUMENT, str(request)
+        context: Any = _Context(self.peer, tuple((k, v) for k, v in fields if not k.startswith(":")))
+        keys_left, chunk_left = len(request.keys), 0
+        try:
+            async with asyncio.timeout(timeout_s) as deadline, contextlib.aclosing(
+                self._listener.service.Get(request, context)
+            ) as replies:
+                async for reply in replies:
+                    keys_left, chunk_left = _progress(reply, keys_left, chunk_left)
+                    if keys_left:
+                        await self._send(st, frames.parts(reply))
+                        continue
+                    # The reply's last message: the OK trailers ride in its last write
+                    # (one system call and one wake-up of the client less).  What the
+                    # handler does after it (metrics) cannot fail the call.
+                    await self._send(st, frames.parts(reply), trailers=True)
+                    async for extra in replies:
+                        raise AssertionError(f"the Get handler went on after the last chunk: {type(extra).__name__}")
+        except _Abort as exc:
+            return exc.code, exc.message
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            return DEADLINE_EXCEEDED, f"the call's deadline ({timeout_s:g} s) passed before its reply was sent"
+        return OK, ""
+
+    async def _send(self, st: _Stream, pieces: tuple[bytes | memoryview, ...], *, trailers: bool = False) -> None:
+        """One gRPC message of ``pieces`` in DATA frames, as the windows allow; with
+        ``trailers``, the OK trailers in the same write as its last frame."""
+        first = b""
+        if not st.replying:
+            st.replying = True
+            first = frame(HEADERS, END_HEADERS, st.id, _REPLY_HEADERS)
+        total = sum(len(p) for p in pieces)
+        views = [memoryview(struct.pack(">BI", 0, total)), *(memoryview(p) for p in pieces)]
+        left, at, off = total + 5, 0, 0
+        while left:
+            n = await self._allowance(st, left)
+            self._window -= n
+            st.window -= n
+            out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n)]
+            first = b""
+            need = n
+            while need:
+                view = views[at]
+                k = min(len(view) - off, need)
+                out.append(view[off : off + k])
+                off += k
+                need -= k
+                if off == len(view):
+                    at, off = at + 1, 0
+            left -= n
+            if trailers and not left:
+                out.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))
+                st.ended = True
+            self._write_pieces(out)
+
+    def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        """Write ``pieces`` in order: in one sendmsg when the transport has nothing
+        buffered (no copy, one system call, one segment for the small ones), what
+        the socket did not take through the transport."""
+        if self._closed or self._transport is None:
+            return
+        sent = 0
+        if self._sock is not None and not self._transport.get_write_buffer_size():
+            try:
+                sent = self._sock.sendmsg(pieces)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                pass  # the transport sees it too, and reports it
+        for piece in pieces:
+            if sent >= len(piece):
+                sent -= len(piece)
+                continue
+            self._transport.write(piece[sent:] if sent else piece)
+            sent = 0
+
+    async def _allowance(self, st: _Stream, want: int) -> int:
+        """Bytes of the next DATA frame, once the windows and the transport allow any."""
+        while True:
+            if self._closed:
+                raise ConnectionError("the connection closed")
+            n = min(want, self._max_frame, self._window, st.window)
+            if n > 0 and not self._paused:
+                return n
+            await self._changed.wait()
+
+    def _end(self, st: _Stream, code: int, message: str) -> None:
+        """Trailers with the call's status (a trailers-only reply if nothing was sent)."""
+        if self._streams.get(st.id) is not st or st.ended:
+            return  # reset meanwhile, or the trailers went with the last message
+        block = b"" if st.replying else _REPLY_HEADERS
+        if code == OK:
+            block += _OK_TRAILERS
+        else:
+            block += literal("grpc-status", str(code)) + literal("grpc-message", grpc_message(message)[:4096])
+        self._write(frame(HEADERS, END_HEADERS | END_STREAM, st.id, block))
