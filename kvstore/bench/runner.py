@@ -10,7 +10,8 @@ For each value size it times, in one run on one machine:
   another slot of its CPU tier, each get reads from wherever the chunk lives;
 * ``kvstore-grpc``: the daemon through the gRPC byte stream (``shm=False``):
   puts through grpcio, gets through the sync client's own HTTP/2 connection
-  (kvstore/client/h2get.py; the note says how many gets took it);
+  (kvstore/client/h2get.py) to the daemon's own Get listener
+  (kvstore/server/h2get.py; the note says how many gets took it, and where);
 * ``kvstore-shm``: the daemon through the shared-memory path (values placed
   in, and read into, buffers of the client's segment; gets read straight
   from the daemon's shared CPU arena, see kvstore/tiers/shared_arena.py);
@@ -138,12 +139,13 @@ def bench_memcpy_distinct(size: int, iters: int) -> Result:
 
 
 @contextmanager
-def spawn_daemon(capacity: str = "4GiB") -> Iterator[str]:
-    """A daemon with one CPU tier on a free loopback port, stopped (SIGTERM) at exit."""
+def spawn_daemon(capacity: str = "4GiB", server: str = "") -> Iterator[str]:
+    """A daemon with one CPU tier on a free loopback port, stopped (SIGTERM) at exit;
+    ``server``: more server settings in YAML flow style (``"http2_get: false"``)."""
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as tmp:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(
-            "server: {host: 127.0.0.1, port: 0}\n"
+            f"server: {{host: 127.0.0.1, port: 0{', ' + server if server else ''}}}\n"
             f"tiers:\n  - {{name: cpu, kind: cpu, capacity: {capacity}, eviction: lru, on_evict: drop}}\n"
         )
         port_file = Path(tmp) / "port"
@@ -225,7 +227,8 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
         if shm:
             note = f"{c.direct_reads} of {warmup + iters} gets read from the daemon's shared arena"
         else:
-            note = f"{c.http2_gets} of {warmup + iters} gets over HTTP/2 reader"
+            where = "the daemon's Get listener" if c.http2_get_port != int(address.rsplit(":", 1)[1]) else "its gRPC port"
+            note = f"{c.http2_gets} of {warmup + iters} gets over HTTP/2, now to {where}"
     r = summarize("kvstore-shm" if shm else "kvstore-grpc", size, put_s, get_s)
     return dataclasses.replace(r, note=note)
 

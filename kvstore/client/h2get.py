@@ -214,6 +214,7 @@ class H2GetConnection:
         self._next_stream = 1
         self._received = 0  # connection-window bytes not yet given back
         self.broken = False
+        self._closing = False  # the daemon sent a graceful GOAWAY: close after the call
         # State of the call in progress.
         self._stream = 0
         self._stream_received = 0
@@ -292,7 +293,10 @@ class H2GetConnection:
         try:
             self._sock.sock.settimeout(timeout_s)  # for sendall; serve_idle left it non-blocking
             self._start(body, metadata, timeout_s)
-            return self._read_reply(destination)
+            got = self._read_reply(destination)
+            if self._closing:
+                self.close()
+            return got
         except (TimeoutError, socket.timeout):
             self.close()
             raise error_for_status("DEADLINE_EXCEEDED", f"no complete reply within {timeout_s:g} s") from None
@@ -523,8 +527,11 @@ class H2GetConnection:
                     (code,) = struct.unpack(">I", payload[:4])
                     raise FallBack(f"the daemon reset the stream (HTTP/2 error {code})")
             elif kind == GOAWAY:
-                self._sock.skip(length)
-                raise FallBack("the daemon is closing the connection (GOAWAY)")
+                payload = b"".join(self._chunks(length))
+                last, code = struct.unpack(">II", payload[:8]) if length >= 8 else (0, -1)
+                if code != 0 or (last & MAX_WINDOW) < self._stream:
+                    raise FallBack("the daemon is closing the connection (GOAWAY)")
+                self._closing = True  # a graceful stop that lets this call finish; no new calls here
             elif kind == CONTINUATION:
                 raise FallBack("CONTINUATION without HEADERS")
             elif kind == PUSH_PROMISE:

@@ -128,6 +128,12 @@ class Client:
         return 0 if ch is None or ch.arena is None else ch.arena.reads
 
     @property
+    def http2_get_port(self) -> int | None:
+        """The daemon port the HTTP/2 connection for gets uses: its gRPC port, or its own
+        Get listener once the daemon named it (kvstore/server/h2get.py); None when off."""
+        return None if self._h2 is None else self._h2.port
+
+    @property
     def http2_gets(self) -> int:
         """Gets served over the HTTP/2 shortcut (the others went through grpcio or shared memory)."""
         return 0 if self._h2 is None else self._h2.served

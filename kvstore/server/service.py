@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -280,7 +280,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
     # -- Get -----------------------------------------------------------------
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GetFrame | memoryview | HeaderWithData]:
+    ) -> AsyncGenerator[pb.GetFrame | memoryview | HeaderWithData, None]:
         self.requests += 1
         try:
             principal = self._principal(context)

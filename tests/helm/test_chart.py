@@ -108,9 +108,15 @@ def test_each_values_file_renders_what_it_says(rendered: dict[str, list[dict[str
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["data"]["hostPath"]["path"] == "/mnt/nvme/kvstore"
     assert volumes["dshm"]["hostPath"]["path"] == "/dev/shm"
-    assert spec["containers"][0]["ports"][0]["hostPort"] == 51061
+    ports = {p["name"]: p for p in spec["containers"][0]["ports"]}
+    assert ports["grpc"]["hostPort"] == 51061
+    assert ports["grpc-get"]["containerPort"] == ports["grpc-get"]["hostPort"] == 51062
     (svc,) = by_kind(rendered["daemonset-hostpath"], "Service")
     assert svc["spec"]["internalTrafficPolicy"] == "Local"
+    # Clients reach the Get listener at the address they used for gRPC, on the port the daemon names.
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc-get"] == 51062
+    cfg = yaml.safe_load(next(d for d in by_kind(rendered["daemonset-hostpath"], "ConfigMap"))["data"]["kvstore.yaml"])
+    assert cfg["server"]["http2_get"] is True and cfg["server"]["http2_get_port"] == 51062
     (secret,) = by_kind(rendered["daemonset-hostpath"], "Secret")
     assert len(yaml.safe_load(secret["stringData"]["tokens.yaml"])["tokens"]) == 3
     (sm,) = by_kind(rendered["daemonset-hostpath"], "ServiceMonitor")  # a CRD: no schema, so checked here
@@ -160,6 +166,7 @@ def test_each_values_file_renders_what_it_says(rendered: dict[str, list[dict[str
         (["kind=Deployment"], "value must be one of"),
         (["tiers.cpu.eviction=fifo"], "value must be one of"),
         (["tiers.cpu.capacity=lots"], "does not match pattern"),
+        (["server.http2GetPort=51061"], "server.http2GetPort must differ"),
     ],
 )
 def test_contradictory_values_fail_with_a_message(rendered: dict[str, Any], values: list[str], message: str) -> None:

@@ -98,4 +98,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.hostPort.enabled (ne .Values.kind "DaemonSet") }}
 {{- fail "hostPort.enabled is for kind=DaemonSet" }}
 {{- end }}
+{{- if and .Values.server.http2GetPort (or (eq (int .Values.server.http2GetPort) (int .Values.server.port)) (and .Values.metrics.enabled (eq (int .Values.server.http2GetPort) (int .Values.metrics.port)))) }}
+{{- fail "server.http2GetPort must differ from server.port and metrics.port (0 turns the Get listener off)" }}
+{{- end }}
 {{- end }}

@@ -97,6 +97,14 @@ spec:
           {{- if .Values.hostPort.enabled }}
           hostPort: {{ .Values.server.port }}
           {{- end }}
+        {{- if .Values.server.http2GetPort }}
+        - name: grpc-get
+          containerPort: {{ .Values.server.http2GetPort }}
+          protocol: TCP
+          {{- if .Values.hostPort.enabled }}
+          hostPort: {{ .Values.server.http2GetPort }}
+          {{- end }}
+        {{- end }}
         {{- if .Values.metrics.enabled }}
         - name: metrics
           containerPort: {{ .Values.metrics.port }}
