@@ -50,8 +50,8 @@ import grpc
 import hpack
 
 from kvstore.http2 import (
-    ACK, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GET_PATH,
-    GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING, PREFACE, PRIORITY_FLAG,
+    ACK, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GET_PATH,
+    GOAWAY, HEADERS, INTERNAL_ERROR, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING, PREFACE, PRIORITY_FLAG,
     PROTOCOL_ERROR, PUSH_PROMISE, REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE,
     SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE, STATUS_NAMES,
     STREAM_CLOSED, WINDOW_UPDATE, COMPRESSION_ERROR, frame, frame_header, grpc_message, literal, parse_frame_header,
@@ -72,6 +72,8 @@ MAX_REQUEST = 16 << 20
 MAX_HEADER_LIST = 64 << 10
 #: The transport's buffer above which a call waits before writing its next frame.
 WRITE_HIGH = 1 << 20
+#: Seconds a closing connection waits for the client to close its side.
+LINGER_S = 5.0
 #: SO_SNDBUF of each connection (the kernel caps it at net.core.wmem_max).
 SOCKET_BUFFER = 4 << 20
 
@@ -118,7 +120,7 @@ class _Context:
 
 
 class _Stream:
-    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended")
+    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial")
 
     def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
         self.id = stream_id
@@ -129,6 +131,7 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
         self.replying = False  # response headers sent
         self.ended = False  # trailers sent
+        self.partial = False  # a message begun and not finished
 
 
 def _progress(reply: object, keys_left: int, chunk_left: int) -> tuple[int, int]:
@@ -193,8 +196,13 @@ class GetListener:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5.0)
-        for conn in list(self.connections):
+        conns = list(self.connections)
+        for conn in conns:
             conn.close()
+        if conns:  # replies flushed, the clients' sides closed (each lingers LINGER_S at most)
+            await asyncio.wait([c.gone for c in conns], timeout=LINGER_S + 1)
+        for conn in conns:
+            conn.abort()
 
     def cancel(self) -> None:
         """Cancel the calls in flight (a second SIGTERM during :meth:`stop`)."""
@@ -227,6 +235,9 @@ class _Connection(asyncio.Protocol):
         self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
         self.peer = "unknown"
         self._sock: socket.socket | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        #: Done once the connection is closed (both ways).
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,18 +259,13 @@ class _Connection(asyncio.Protocol):
         if isinstance(name, tuple) and len(name) >= 2:
             self.peer = f"ipv6:[{name[0]}]:{name[1]}" if ":" in str(name[0]) else f"ipv4:{name[0]}:{name[1]}"
         self._listener.connections.add(self)
-        settings = struct.pack(
-            ">HIHIHI",
-            SETTINGS_MAX_CONCURRENT_STREAMS, self._listener.max_streams,
-            SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
-            SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
-        )
-        transport.write(
-            frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECV_WINDOW - DEFAULT_WINDOW))
-        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+        if not self.gone.done():
+            self.gone.set_result(None)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -276,9 +282,15 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._wake()
 
+    def eof_received(self) -> bool:
+        self._peer_going = True
+        if self._transport is not None and (self._closed or not self._streams):
+            self._transport.close()  # both sides done
+        return True  # keep the write side open for the replies in flight (a half-close)
+
     def data_received(self, data: bytes) -> None:
         if self._closed:
-            return
+            return  # closing: discarded
         self._buf += data
         try:
             self._parse()
@@ -299,10 +311,30 @@ class _Connection(asyncio.Protocol):
         self._close_if_idle()
 
     def close(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._closed = True
-            self._transport.close()
+        """Close without losing what is queued: once it is sent, shut the write side
+        and discard what the client still sends until it closes too (or
+        :data:`LINGER_S` passed).  Closing with unread bytes from the client would
+        make the kernel reset the connection and drop the end of a reply."""
+        transport = self._transport
+        if transport is None or self._closed:
+            self._wake()
+            return
+        self._closed = True
         self._wake()
+        for st in self._streams.values():
+            if st.task is not None:
+                st.task.cancel()
+        if transport.can_write_eof():
+            transport.write_eof()  # after the buffer drains
+            self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.abort)
+        else:  # TLS: close_notify after the buffer drains
+            transport.close()
+
+    def abort(self) -> None:
+        """Close at once (a client that does not close after our shutdown, or the end of a stop)."""
+        if self._transport is not None:
+            self._closed = True
+            self._transport.abort()
 
     def _close_if_idle(self) -> None:
         if (self._going or self._peer_going) and not self._streams:
@@ -329,6 +361,16 @@ class _Connection(asyncio.Protocol):
                 return
             del buf[: len(PREFACE)]
             self._preface = True
+            settings = struct.pack(
+                ">HIHIHI",
+                SETTINGS_MAX_CONCURRENT_STREAMS, self._listener.max_streams,
+                SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
+                SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
+            )
+            self._write(
+                frame(SETTINGS, 0, 0, settings)
+                + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECV_WINDOW - DEFAULT_WINDOW))
+            )
         pos = 0
         view = memoryview(buf)
         try:
@@ -628,6 +670,7 @@ class _Connection(asyncio.Protocol):
                 out.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))
                 st.ended = True
             self._write_pieces(out)
+            st.partial = left > 0  # part of the message is on the wire
 
     def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
         """Write ``pieces`` in order: in one sendmsg when the transport has nothing
@@ -664,6 +707,9 @@ class _Connection(asyncio.Protocol):
         """Trailers with the call's status (a trailers-only reply if nothing was sent)."""
         if self._streams.get(st.id) is not st or st.ended:
             return  # reset meanwhile, or the trailers went with the last message
+        if st.partial:  # a message cut off (its deadline passed while it waited for the window)
+            self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", CANCEL if code == DEADLINE_EXCEEDED else INTERNAL_ERROR)))
+            return
         block = b"" if st.replying else _REPLY_HEADERS
         if code == OK:
             block += _OK_TRAILERS

@@ -313,6 +313,10 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         first = 0
                         if request.inline_data:
                             first = min(frame, chunk.meta.nbytes)
+                            if not request.frame_bytes:
+                                # A plain gRPC client: header and data within its default
+                                # 4 MiB receive limit.
+                                first = min(frame - header.ByteSize() - 16, first)
                             yield HeaderWithData(header, payload[:first])
                         else:
                             yield pb.GetFrame(header=header)
