@@ -12,7 +12,8 @@ over their own HTTP/2 connection (kvstore/client/h2get.py) and only the
 server side differs; redis-py for Redis.  For each size, 8 values are
 stored in each; rounds rotate the order of the three (so machine load hits
 them alike), each round one get of the next value (``get_into`` a
-preallocated tensor for kvstore, ``GET`` for Redis), checked.  Prints the
+preallocated tensor for kvstore, ``GET`` for Redis), checked byte for byte
+after its timing.  Prints the
 median latency and GB/s of each and the ratio of Redis's median to it
 (above 1: faster than Redis).
 """
@@ -51,22 +52,22 @@ def main() -> None:
             for size in sizes:
                 keys = [kb.segment_key([size, i]) for i in range(8)]
                 values = [torch.randint(0, 255, (size,), dtype=torch.uint8) for _ in range(8)]
+                blobs = [v.numpy().tobytes() for v in values]
                 for k, v in zip(keys, values, strict=True):
                     fast.put(k, v)
                     plain.put(k, v)
                     r.set(str(k), v.numpy().tobytes())
                 out = torch.empty(size, dtype=torch.uint8)
 
-                def kv_get(c: Client) -> Callable[[int], None]:
-                    def get(i: int) -> None:
-                        if c.get_into(keys[i], out) is None or not torch.equal(out, values[i]):
-                            raise SystemExit(f"kvstore: wrong bytes for a {size}-byte value")
+                def kv_get(c: Client) -> Callable[[int], Callable[[], bool]]:
+                    def get(i: int) -> Callable[[], bool]:
+                        found = c.get_into(keys[i], out) is not None
+                        return lambda: found and torch.equal(out, values[i])
                     return get
 
-                def redis_get(i: int) -> None:
+                def redis_get(i: int) -> Callable[[], bool]:
                     got = r.get(str(keys[i]))
-                    if got is None or len(got) != size:
-                        raise SystemExit(f"redis: wrong bytes for a {size}-byte value")
+                    return lambda: got == blobs[i]
 
                 paths = [(listener_name, kv_get(fast)), (grpcio_name, kv_get(plain)), ("redis (reference)", redis_get)]
                 for _, get in paths:  # warm-up: connections, the listener's port learned
@@ -76,8 +77,10 @@ def main() -> None:
                 for n in range(a.rounds):
                     for name, get in paths[n % 3 :] + paths[: n % 3]:
                         t0 = time.perf_counter()
-                        get(n % 8)
+                        check = get(n % 8)
                         times[name].append(time.perf_counter() - t0)
+                        if not check():  # outside the timing
+                            raise SystemExit(f"{name}: wrong bytes for a {size}-byte value")
                 ref = statistics.median(times["redis (reference)"])
                 for name, ts in times.items():
                     p50 = statistics.median(ts)

@@ -183,15 +183,17 @@ class Client:
         return out
 
     def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
-        if self._direct_reads and out.device.type == "cpu" and out.is_contiguous():
-            read = self._shared_read(_key_text(key), out)
+        text = _key_text(key)
+        host = out.device.type == "cpu" and out.is_contiguous()
+        if self._direct_reads and host:
+            read = self._shared_read(text, out)
             if read is not None:
                 return read[0]
-        done, meta = self._direct_get_into(key, out)
+        done, meta = self._direct_get_into(text, out)
         if done:
             return meta
-        if out.device.type == "cpu" and out.is_contiguous():
-            got = self._h2_get([_key_text(key)], out)
+        if host:
+            got = self._h2_get([text], out)
             if got is not None:
                 return None if got[0] is None else got[0].meta
         return self._run(self._aio.get_into(key, out))
@@ -286,7 +288,7 @@ class Client:
         body = self._direct_call(ch, KIND_PUT, req)
         return None if body is None else pb.PutReply.FromString(body).results[0].tier
 
-    def _direct_get_into(self, key: KeyLike, out: torch.Tensor) -> tuple[bool, ChunkMeta | None]:
+    def _direct_get_into(self, text: str, out: torch.Tensor) -> tuple[bool, ChunkMeta | None]:
         direct = self._direct()
         if direct is None:
             return False, None
@@ -295,7 +297,7 @@ class Client:
         if off is None:
             return False, None
         room = out.numel() * out.element_size()
-        body = self._direct_call(ch, KIND_GET, pb.ShmGetRequest(items=[get_item(seg, _key_text(key), off, room)]))
+        body = self._direct_call(ch, KIND_GET, pb.ShmGetRequest(items=[get_item(seg, text, off, room)]))
         if body is None:
             return False, None
         res = pb.ShmGetReply.FromString(body).results[0]

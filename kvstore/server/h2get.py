@@ -44,6 +44,7 @@ import socket
 import ssl
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -57,6 +58,7 @@ from kvstore.http2 import (
     STREAM_CLOSED, WINDOW_UPDATE, COMPRESSION_ERROR, frame, frame_header, grpc_message, literal, parse_frame_header,
     parse_grpc_timeout, stateless_fields,
 )
+from kvstore.errors import KVStoreError
 from kvstore.metrics import Metrics
 from kvstore.server import frames
 from kvstore.server.service import KVStoreService, lenient
@@ -74,6 +76,10 @@ MAX_HEADER_LIST = 64 << 10
 WRITE_HIGH = 1 << 20
 #: Seconds a closing connection waits for the client to close its side.
 LINGER_S = 5.0
+#: Largest reply served at once from data_received (see _Connection._serve_now).
+NOW_MAX = 8 << 20
+#: Pieces smaller than this are joined with the frame headers around them.
+JOIN_BELOW = 64 << 10
 #: SO_SNDBUF of each connection (the kernel caps it at net.core.wmem_max).
 SOCKET_BUFFER = 4 << 20
 
@@ -119,6 +125,13 @@ class _Context:
         raise _Abort(code.value[0], details)
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    request: pb.GetRequest
+    metadata: tuple[tuple[str, str], ...]
+    timeout_s: float | None
+
+
 class _Stream:
     __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial")
 
@@ -132,6 +145,21 @@ class _Stream:
         self.replying = False  # response headers sent
         self.ended = False  # trailers sent
         self.partial = False  # a message begun and not finished
+
+
+def _next_bytes(views: list[memoryview], at: int, off: int, n: int) -> tuple[list[memoryview], int, int]:
+    """The next ``n`` bytes of the concatenation of ``views``, from byte ``off`` of
+    ``views[at]``, as slices; and where the bytes after them start."""
+    out = []
+    while n:
+        view = views[at]
+        k = min(len(view) - off, n)
+        out.append(view[off : off + k])
+        off += k
+        n -= k
+        if off == len(view):
+            at, off = at + 1, 0
+    return out, at, off
 
 
 def _progress(reply: object, keys_left: int, chunk_left: int) -> tuple[int, int]:
@@ -562,12 +590,81 @@ class _Connection(asyncio.Protocol):
 
     # -- a call -----------------------------------------------------------------------
     def _start(self, st: _Stream) -> None:
-        st.task = asyncio.get_running_loop().create_task(self._serve(st))
+        call = self._request(st)
+        if isinstance(call, _Call) and self._serve_now(st, call):
+            return
+        st.task = asyncio.get_running_loop().create_task(self._serve(st, call))
 
-    async def _serve(self, st: _Stream) -> None:
+    def _serve_now(self, st: _Stream, call: _Call) -> bool:
+        """Serve the call here and now when every chunk is in the top tier's host memory
+        and the whole reply fits the windows (one sendmsg, no task, no trip through the
+        event loop); False: serve it with :meth:`_serve` (which reports any error)."""
+        if self._paused or self._transport is None or self._transport.get_write_buffer_size():
+            return False
+        started = time.perf_counter()
+        service = self._listener.service
+        try:
+            got = service.get_resident(call.request, service.principal(call.metadata))
+        except KVStoreError:
+            return False
+        if got is None:
+            return False
+        try:
+            messages = []
+            for _, _, items in got:
+                for item in items:
+                    parts = frames.parts(item)
+                    messages.append((struct.pack(">BI", 0, sum(len(p) for p in parts)), *parts))
+            total = sum(len(p) for m in messages for p in m)
+            if total > min(self._window, st.window) or total > NOW_MAX:
+                return False
+            pieces: list[bytes | memoryview] = []
+            small: list[bytes | memoryview] = [frame(HEADERS, END_HEADERS, st.id, _REPLY_HEADERS)]
+            for message in messages:
+                self._data_frames(st.id, message, pieces, small)
+            small.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))
+            pieces.append(b"".join(small))
+            self._window -= total
+            st.window -= total
+            self._write_pieces(pieces)  # what the socket does not take is copied: the chunks may go
+        finally:
+            for _, chunk, _ in got:
+                chunk.release()
+        seconds = time.perf_counter() - started
+        service.resident_served(got, seconds)
+        self._listener.metrics.observe_rpc("KVStore/Get", seconds, "OK")
+        del self._streams[st.id]
+        self._close_if_idle()
+        return True
+
+    def _data_frames(
+        self, stream: int, parts: tuple[bytes | memoryview, ...], out: list[bytes | memoryview],
+        small: list[bytes | memoryview],
+    ) -> None:
+        """Append to ``out`` the DATA frames carrying ``parts`` (frames of at most the
+        peer's size).  Pieces under :data:`JOIN_BELOW` gather in ``small`` (bytes due
+        before them may be there already) and go out joined before the next large
+        one; what is left in ``small`` is the caller's to send."""
+        views = [memoryview(p) for p in parts]
+        left = sum(len(v) for v in views)
+        at = off = 0
+        while left:
+            n = min(left, self._max_frame)
+            small.append(frame_header(DATA, 0, stream, n))
+            slices, at, off = _next_bytes(views, at, off, n)
+            for piece in slices:
+                if len(piece) < JOIN_BELOW:
+                    small.append(piece)
+                else:
+                    out.append(b"".join(small))
+                    out.append(piece)
+                    small.clear()
+            left -= n
+
+    async def _serve(self, st: _Stream, call: _Call | tuple[int, str]) -> None:
         started, name = time.perf_counter(), "UNKNOWN"
         try:
-            code, message = await self._call(st)
+            code, message = call if isinstance(call, tuple) else await self._call(st, call)
             name = STATUS_NAMES.get(code, "UNKNOWN")
             self._end(st, code, message)
         except (asyncio.CancelledError, ConnectionError):
@@ -582,8 +679,8 @@ class _Connection(asyncio.Protocol):
                 del self._streams[st.id]
             self._close_if_idle()
 
-    async def _call(self, st: _Stream) -> tuple[int, str]:
-        """Run the call; its status."""
+    def _request(self, st: _Stream) -> _Call | tuple[int, str]:
+        """The call a stream's headers and body make, or the status refusing it."""
         fields = st.fields
         head = {k: v for k, v in fields if k.startswith(":") or k in ("content-type", "grpc-timeout", "grpc-encoding")}
         ctype = head.get("content-type", "")
@@ -615,7 +712,12 @@ class _Connection(asyncio.Protocol):
         st.body = bytearray()
         if not isinstance(request, pb.GetRequest):
             return INVALID_ARGUMENT, str(request)
-        context: Any = _Context(self.peer, tuple((k, v) for k, v in fields if not k.startswith(":")))
+        return _Call(request, tuple((k, v) for k, v in fields if not k.startswith(":")), timeout_s)
+
+    async def _call(self, st: _Stream, call: _Call) -> tuple[int, str]:
+        """Run the call; its status."""
+        request, timeout_s = call.request, call.timeout_s
+        context: Any = _Context(self.peer, call.metadata)
         keys_left, chunk_left = len(request.keys), 0
         try:
             async with asyncio.timeout(timeout_s) as deadline, contextlib.aclosing(
@@ -654,17 +756,9 @@ class _Connection(asyncio.Protocol):
             n = await self._allowance(st, left)
             self._window -= n
             st.window -= n
-            out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n)]
+            slices, at, off = _next_bytes(views, at, off, n)
+            out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n), *slices]
             first = b""
-            need = n
-            while need:
-                view = views[at]
-                k = min(len(view) - off, need)
-                out.append(view[off : off + k])
-                off += k
-                need -= k
-                if off == len(view):
-                    at, off = at + 1, 0
             left -= n
             if trailers and not left:
                 out.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -285,10 +285,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         try:
             principal = self._principal(context)
             keys = self._keys(request.keys, principal)
-            if request.frame_bytes == 0:
-                frame = min(self._frame, PLAIN_CLIENT_FRAME)
-            else:
-                frame = max(MIN_FRAME, min(self._frame, request.frame_bytes))
+            frame = self._reply_frame(request)
             slot = await self.limits.stream(context.peer())
         except KVStoreError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
@@ -307,22 +304,49 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         yield pb.GetFrame(header=pb.GetHeader(index=i, key=request.keys[i], found=False))
                         continue
                     with chunk:
-                        header = pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
-                        payload = chunk.payload
-                        # Encoded (copied) by frames.encode when sent, before we resume.
-                        first = 0
-                        if request.inline_data:
-                            first = min(frame, chunk.meta.nbytes)
-                            if not request.frame_bytes:
-                                # A plain gRPC client: header and data within its default
-                                # 4 MiB receive limit.
-                                first = min(frame - header.ByteSize() - 16, first)
-                            yield HeaderWithData(header, payload[:first])
-                        else:
-                            yield pb.GetFrame(header=header)
-                        for off in range(first, chunk.meta.nbytes, frame):
-                            yield payload[off : off + frame]
+                        # Each item is encoded (copied) or written when sent, before we resume.
+                        for item in chunk_reply(request, i, chunk, frame):
+                            yield item
                 self._metrics.record_read(key, tier, chunk.meta.nbytes, time.perf_counter() - started)
+
+    def _reply_frame(self, request: pb.GetRequest) -> int:
+        """Payload bytes per Get reply message."""
+        if request.frame_bytes == 0:
+            return min(self._frame, PLAIN_CLIENT_FRAME)
+        return max(MIN_FRAME, min(self._frame, request.frame_bytes))
+
+    def principal(self, metadata: Sequence[tuple[str, str]]) -> Principal:
+        """Who sends a call with this metadata (UNAUTHENTICATED without a valid token)."""
+        return principal_of(self._tokens, metadata)
+
+    def get_resident(
+        self, request: pb.GetRequest, principal: Principal
+    ) -> list[tuple[ChunkKey, Chunk, list[pb.GetFrame | memoryview | HeaderWithData]]] | None:
+        """Get's whole reply at once, when every key's chunk is in the top tier's host
+        memory (views: nothing to read or wait for): each key, its chunk and the
+        items :meth:`Get` would yield for it; None when any is elsewhere or
+        missing (serve the call with :meth:`Get`).  Release the chunks once their
+        items are sent, then count the call with :meth:`resident_served`.  Holds no
+        stream slot: the caller sends it without yielding the event loop.  Raises
+        what :meth:`Get` would report for the keys (a bad key, a denied tenant)."""
+        keys = self._keys(request.keys, principal)
+        frame = self._reply_frame(request)
+        got: list[tuple[ChunkKey, Chunk, list[pb.GetFrame | memoryview | HeaderWithData]]] = []
+        for i, key in enumerate(keys):
+            chunk = self._store.get_resident(key)
+            if chunk is None:
+                for _, held, _ in got:
+                    held.release()
+                return None
+            got.append((key, chunk, list(chunk_reply(request, i, chunk, frame))))
+        return got
+
+    def resident_served(self, got: list[tuple[ChunkKey, Chunk, Any]], seconds: float) -> None:
+        """Count a call served from :meth:`get_resident` (its chunks released)."""
+        self.requests += 1
+        tier = self._store.top_tier_name()
+        for key, chunk, _ in got:
+            self._metrics.record_read(key, tier, chunk.meta.nbytes, seconds / len(got))
 
     async def _fetch(self, key: ChunkKey, held: contextlib.ExitStack) -> Chunk | None:
         """``key``'s chunk for a get, or None; when it is a copy made for this get
@@ -511,6 +535,27 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
             self._metrics.record_read(key, tier, n, time.perf_counter() - started)
         return pb.ShmGetReply(results=results)
+
+
+def chunk_reply(
+    request: pb.GetRequest, i: int, chunk: Chunk, frame: int
+) -> Iterator[pb.GetFrame | memoryview | HeaderWithData]:
+    """The Get reply's items for the found chunk of ``request.keys[i]``: its header
+    (with the first ``frame`` bytes inside when the request asks ``inline_data``),
+    then data frames of at most ``frame`` bytes: views of ``chunk.payload``."""
+    header = pb.GetHeader(index=i, key=request.keys[i], found=True, meta=meta_to_pb(chunk.meta))
+    payload = chunk.payload
+    first = 0
+    if request.inline_data:
+        first = min(frame, chunk.meta.nbytes)
+        if not request.frame_bytes:
+            # A plain gRPC client: header and data within its default 4 MiB receive limit.
+            first = min(frame - header.ByteSize() - 16, first)
+        yield HeaderWithData(header, payload[:first])
+    else:
+        yield pb.GetFrame(header=header)
+    for off in range(first, chunk.meta.nbytes, frame):
+        yield payload[off : off + frame]
 
 
 def lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:

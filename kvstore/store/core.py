@@ -351,6 +351,23 @@ class StoreCore:
             return chunk
         return None
 
+    def get_resident(self, key: ChunkKey) -> Chunk | None:
+        """The chunk at once if the top tier holds it in host memory (a view, as
+        :meth:`get` returns it, counted as a hit and an access), else None:
+        use :meth:`get`.  Release it when done."""
+        self._require_open()
+        if not self._slots or key not in self._slots[0].sizes:
+            return None
+        slot = self._slots[0]
+        tier = slot.tier
+        chunk = tier.get_view(key) if isinstance(tier, MemoryTier) else None
+        if chunk is not None:
+            slot.policy.access(key)
+        return chunk
+
+    def top_tier_name(self) -> str | None:
+        return self._slots[0].tier.name if self._slots else None
+
     def shared_tier(self) -> MemoryTier | None:
         """The first tier whose arena local clients may read (kvstore/tiers/shared_arena.py)."""
         for slot in self._slots:

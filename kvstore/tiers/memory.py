@@ -264,6 +264,20 @@ class MemoryTier(Tier):
             payload = tensor_view(host)
         return Chunk(entry.meta, payload, lambda: self._release(entry))
 
+    def get_view(self, key: ChunkKey) -> Chunk | None:
+        """The chunk as a view of the tier's host memory, at once (what :meth:`get`
+        returns for a host tier); None when absent or the tier is in device memory."""
+        if self._bytes is None or self._arena is None:
+            return None
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        self.counters.hits += 1
+        self.counters.bytes_read += entry.meta.nbytes
+        entry.readers += 1
+        payload = self._bytes[entry.offset : entry.offset + entry.meta.nbytes]
+        return Chunk(entry.meta, payload, lambda: self._release(entry))
+
     def get_tensor(self, key: ChunkKey) -> tuple[ChunkMeta, torch.Tensor] | None:
         """Zero-copy access for in-process users: the arena slice (on the tier's
         device) and its metadata.  Valid until the key is deleted or replaced."""

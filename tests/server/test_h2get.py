@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import hpack
 import pytest
+import torch
 
 import kvstore
 from kvstore.client import ClientTLS
@@ -42,10 +43,12 @@ from kvstore.http2 import (
     REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, WINDOW_UPDATE, frame,
     grpc_timeout, literal, parse_frame_header,
 )
+from kvstore.v1 import admin_pb2 as apb
+from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, health, key, raw_get, raw_put, rpc_error, stub
 from tests.server import test_auth_tls as auth_tls
-from tests.support.daemon import DaemonProcess, cpu_only
+from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
 from tests.test_metrics import free_port, metric, scrape
 
 # Fixtures of tests/server/test_auth_tls.py: a daemon with a token file (module scope) and test certificates.
@@ -1043,3 +1046,28 @@ def test_gets_on_the_listener_are_counted(served: Served, lch: grpc.Channel) -> 
     assert after[1] - before[1] == 1
     assert after[2] - before[2] == 1
     assert metric(scrape(served.metrics_port), "kvstore_rpc_duration_seconds_count", method="KVStore/Get") == after[0]
+
+
+# == gets answered at once (chunks in the top tier's memory) and the rest ======================
+def test_chunks_below_the_top_tier_and_lru_order(tmp_path: Path) -> None:
+    """The listener answers gets of chunks in the CPU tier at once (no task) and the
+    others (here on disk) the ordinary way; both count as accesses for LRU: after
+    A, B are stored and A is read, storing C evicts B, not A (fails if the
+    at-once path forgets the access)."""
+    config = cpu_and_disk(tmp_path / "disk", cpu="2560KiB", disk="64MiB")  # room for two 1 MiB chunks
+    with DaemonProcess(tmp_path / "d", config) as d, kvstore.Client(d.address, shm=False) as c:
+        a, b, cc = (blob(i, MiB) for i in (1, 2, 3))
+        assert c.get_bytes(k(100)) is None  # the first get (on the gRPC port) learns the listener's port
+        c.put(k(101), torch.frombuffer(bytearray(a), dtype=torch.uint8))
+        c.put(k(102), torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        assert c.get_bytes(k(101)) == a  # on the listener, at once
+        assert c.http2_get_port != d.port
+        c.put(k(103), torch.frombuffer(bytearray(cc), dtype=torch.uint8))
+        with channel(d.address) as ch:
+            placed = apb_grpc.AdminStub(ch).ListChunks(apb.ListChunksRequest(page_size=100), timeout=30)
+        tiers = {info.key: list(info.tiers) for info in placed.chunks}
+        assert tiers == {k(101): ["cpu", "disk"], k(102): ["disk"], k(103): ["cpu", "disk"]}
+        # From disk over the listener (the ordinary path), byte-exact; then back in memory.
+        assert c.get_bytes(k(102)) == b
+        assert c.get_bytes(k(102)) == b
+        assert c.http2_gets == 4
