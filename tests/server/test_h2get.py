@@ -1058,11 +1058,11 @@ def test_chunks_below_the_top_tier_and_lru_order(tmp_path: Path) -> None:
     with DaemonProcess(tmp_path / "d", config) as d, kvstore.Client(d.address, shm=False) as c:
         a, b, cc = (blob(i, MiB) for i in (1, 2, 3))
         assert c.get_bytes(k(100)) is None  # the first get (on the gRPC port) learns the listener's port
-        c.put(k(101), torch.frombuffer(bytearray(a), dtype=torch.uint8))
-        c.put(k(102), torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        c.put(k(101), torch.frombuffer(bytearray(a), dtype=torch.uint8), durable=True)
+        c.put(k(102), torch.frombuffer(bytearray(b), dtype=torch.uint8), durable=True)
         assert c.get_bytes(k(101)) == a  # on the listener, at once
         assert c.http2_get_port != d.port
-        c.put(k(103), torch.frombuffer(bytearray(cc), dtype=torch.uint8))
+        c.put(k(103), torch.frombuffer(bytearray(cc), dtype=torch.uint8), durable=True)
         with channel(d.address) as ch:
             placed = apb_grpc.AdminStub(ch).ListChunks(apb.ListChunksRequest(page_size=100), timeout=30)
         tiers = {info.key: list(info.tiers) for info in placed.chunks}
