@@ -65,10 +65,6 @@ MAX_MESSAGE = (64 << 20) + (64 << 10)
 REFILL = 1 << 30
 #: Receive buffer for frame headers and small messages; payloads bypass it.
 BUFFER = 256 << 10
-#: Payload reads of LOWAT_FROM to LOWAT_MAX bytes ask the kernel to wake the reader
-#: only once all of them have arrived.
-LOWAT_FROM = 64 << 10
-LOWAT_MAX = (1 << 20) + (64 << 10)
 #: SO_RCVBUF of the connection (the kernel caps it at net.core.rmem_max).
 SOCKET_BUFFER = 4 << 20
 #: Bytes of a header message read before looking for its inline data (far more than its small fields).
@@ -95,8 +91,6 @@ class _Socket:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        #: Plain TCP (with TLS the kernel's bytes are records, not the payload).
-        self._lowat = not isinstance(sock, ssl.SSLSocket) and hasattr(socket, "SO_RCVLOWAT")
         self._buf = bytearray(BUFFER)
         self._view = memoryview(self._buf)
         self._pos = 0
@@ -134,20 +128,8 @@ class _Socket:
             self._pos += k
         if self._pos == self._end:
             self._pos = self._end = 0
-        if not LOWAT_FROM <= len(dst) - k <= LOWAT_MAX or not self._lowat:
-            while k < len(dst):
-                k += self._recv(dst[k:])
-            return
-        # Bytes the daemon has framed already, so they will come: be woken once they
-        # are here (SO_RCVLOWAT), not for every segment (0.29-0.34 against 0.37-0.40 ms
-        # for 1 MiB on loopback here).  Larger reads amortise the wake-ups, and a
-        # reader that sleeps longer lets the window close on the daemon.
-        try:
-            while k < len(dst):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(dst) - k)
-                k += self._recv(dst[k:])
-        finally:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        while k < len(dst):
+            k += self._recv(dst[k:])
 
     def skip(self, n: int) -> None:
         while n > 0:
