@@ -8,7 +8,6 @@ addresses) on their own."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, 
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, key, raw_put, stub
 from tests.support.daemon import DaemonProcess, cpu_only
+from tests.support.threads import run_workers
 
 SIZES = [0, 1, 4095, MiB + 3, 9 * MiB + 1]
 
@@ -99,23 +99,14 @@ def test_turned_off_goes_through_grpcio(server: DaemonProcess) -> None:
 
 
 def test_threads_share_one_client(server: DaemonProcess) -> None:
-    errors: list[BaseException] = []
     with kvstore.Client(server.address, shm=False) as c:
 
         def work(w: int) -> None:
-            try:
-                for j in range(12):
-                    i = (w + j) % len(SIZES)
-                    assert c.get_bytes(key(i, model="h2")) == blob(i, SIZES[i])
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for j in range(12):
+                i = (w + j) % len(SIZES)
+                assert c.get_bytes(key(i, model="h2")) == blob(i, SIZES[i])
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        run_workers(work, 4)
         assert c.http2_gets > 0  # the others went through grpcio while it was busy
 
 

@@ -49,6 +49,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, health, key, raw_get, raw_put, rpc_error, stub
 from tests.server import test_auth_tls as auth_tls
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
+from tests.support.threads import run_workers
 from tests.test_metrics import free_port, metric, scrape
 
 # Fixtures of tests/server/test_auth_tls.py: a daemon with a token file (module scope) and test certificates.
@@ -428,24 +429,14 @@ def test_grpcio_streams_interleave_on_one_channel(served: Served, lch: grpc.Chan
     for w, frames in zip(which, got, strict=True):
         assert reassemble(frames, [k(i) for i in w]) == [data(i) for i in w]
 
-    errors: list[BaseException] = []
-
     def work(w: int) -> None:
-        try:
-            for j in range(6):
-                i = (w + j) % len(SIZES)
-                assert raw_get(stub(lch), [k(i), k(99), k((i + 1) % len(SIZES))]) == [
-                    data(i), None, data((i + 1) % len(SIZES))
-                ]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for j in range(6):
+            i = (w + j) % len(SIZES)
+            assert raw_get(stub(lch), [k(i), k(99), k((i + 1) % len(SIZES))]) == [
+                data(i), None, data((i + 1) % len(SIZES))
+            ]
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    run_workers(work, 6)
 
 
 # == statuses ========================================================================================
@@ -868,24 +859,22 @@ def test_http2_get_port_equal_to_port_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"server.http2_get_port: {port} is server.port too"):
         build(cpu_only(port=port, http2_get_port=port))
     build(cpu_only(port=port, http2_get_port=port, http2_get=False))  # no listener: no conflict
-    d = DaemonProcess(tmp_path / "d", cpu_only("16MiB", port=port, http2_get_port=port))
+    assert_refused(DaemonProcess(tmp_path / "d", cpu_only("16MiB", port=port, http2_get_port=port)))
+    # A port another socket holds: the daemon does not start, and says which setting.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert_refused(DaemonProcess(tmp_path / "taken", cpu_only("16MiB", http2_get_port=taken.getsockname()[1])))
+
+
+def assert_refused(d: DaemonProcess) -> None:
+    """``d`` does not start, and its message names server.http2_get_port."""
     try:
         with pytest.raises(RuntimeError, match="exited with") as info:
             d.start()
     finally:
         d.stop()
     assert "server.http2_get_port" in str(info.value)
-    # A port another socket holds: the daemon does not start, and says which setting.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        d = DaemonProcess(tmp_path / "taken", cpu_only("16MiB", http2_get_port=taken.getsockname()[1]))
-        try:
-            with pytest.raises(RuntimeError, match="exited with") as info:
-                d.start()
-        finally:
-            d.stop()
-        assert "server.http2_get_port" in str(info.value)
 
 
 # == graceful shutdown ===============================================================================
