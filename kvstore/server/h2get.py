@@ -17,21 +17,15 @@ header :data:`ASK_HEADER`; the daemon answers :data:`PORT_HEADER`) and moves
 its gets there; any gRPC client may call Get on this port (grpcio is tested
 as one).  Every other method is answered UNIMPLEMENTED with the main port.
 
-What it implements (RFC 9113, server side, and gRPC's "PROTOCOL-HTTP2"):
-
-* the client preface and SETTINGS both ways; flow control on what it sends
-  (connection and stream windows, the peer's SETTINGS_INITIAL_WINDOW_SIZE and
-  SETTINGS_MAX_FRAME_SIZE), WINDOW_UPDATE for what it receives;
-* header blocks with CONTINUATION, decoded with ``hpack``; replies written as
-  HPACK literals (no state); a trailers-only reply for errors before any
-  message; ``grpc-timeout`` as the call's deadline;
-* PING, RST_STREAM (cancels the call and releases what it held), GOAWAY both
-  ways; bad frames close the connection with GOAWAY and the matching error code;
-* graceful stop: GOAWAY, calls in flight finish (up to the grace period),
-  then the connections close.
-
-Not implemented: compressed messages (UNIMPLEMENTED), server push,
-priorities (ignored), HTTP/1.1 (answered 505 and closed).
+The HTTP/2 side (flow control, frames, GOAWAY, graceful close) is
+kvstore/server/h2conn.py; this module is the call: the request checked
+(method, path, content type, ``grpc-timeout``, one uncompressed message),
+then served at once from the socket callback when every chunk is in the top
+tier's host memory and the reply fits the windows (headers, data frames from
+the tier's memory and trailers in one ``sendmsg``; no task), else by the
+handler in a task, message by message as the windows allow.  Graceful stop:
+GOAWAY, calls in flight finish (up to the grace period), the connections close.
+Not implemented: compressed messages (UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -39,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import ssl
 import struct
 import time
@@ -48,55 +40,22 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-import hpack
 
-from kvstore.http2 import (
-    ACK, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GET_PATH,
-    GOAWAY, HEADERS, INTERNAL_ERROR, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING, PREFACE, PRIORITY_FLAG,
-    PROTOCOL_ERROR, PUSH_PROMISE, REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE, STATUS_NAMES,
-    STREAM_CLOSED, WINDOW_UPDATE, COMPRESSION_ERROR, frame, frame_header, grpc_message, literal, parse_frame_header,
-    parse_grpc_timeout, stateless_fields,
-)
 from kvstore.errors import KVStoreError
+from kvstore.http2 import END_HEADERS, END_STREAM, GET_PATH, HEADERS, STATUS_NAMES, frame, parse_grpc_timeout
 from kvstore.metrics import Metrics
 from kvstore.server import frames
+from kvstore.server.h2conn import (
+    DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, LINGER_S, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED,
+    H2Connection, Stream,
+)
 from kvstore.server.service import KVStoreService, lenient
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: Receive window given to each stream and to the connection (requests are small).
-RECV_WINDOW = 1 << 20
-#: Largest request message accepted (a GetRequest of many keys); larger: RESOURCE_EXHAUSTED.
-MAX_REQUEST = 16 << 20
-#: Largest header block accepted (with its CONTINUATION frames).
-MAX_HEADER_LIST = 64 << 10
-#: The transport's buffer above which a call waits before writing its next frame.
-WRITE_HIGH = 1 << 20
-#: Seconds a closing connection waits for the client to close its side.
-LINGER_S = 5.0
-#: Largest reply served at once from data_received (see _Connection._serve_now).
+#: Largest reply served at once from data_received (see _GetConnection._serve_now).
 NOW_MAX = 8 << 20
-#: Pieces smaller than this are joined with the frame headers around them.
-JOIN_BELOW = 64 << 10
-#: SO_SNDBUF of each connection (the kernel caps it at net.core.wmem_max).
-SOCKET_BUFFER = 4 << 20
-
-# gRPC status codes.
-OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 4, 8, 12, 13
-
-#: ``:status 200`` (static table index 8) and the content type.
-_REPLY_HEADERS = b"\x88" + literal("content-type", "application/grpc")
-_OK_TRAILERS = literal("grpc-status", "0")
-
-
-class _ConnectionError(Exception):
-    """The peer broke the protocol: GOAWAY with ``code`` and close."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Abort(Exception):
@@ -130,36 +89,6 @@ class _Call:
     request: pb.GetRequest
     metadata: tuple[tuple[str, str], ...]
     timeout_s: float | None
-
-
-class _Stream:
-    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial")
-
-    def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
-        self.id = stream_id
-        self.fields = fields
-        self.body = bytearray()
-        self.window = window  # bytes we may still send on it
-        self.unacked = 0  # bytes received and not yet given back
-        self.task: asyncio.Task[None] | None = None
-        self.replying = False  # response headers sent
-        self.ended = False  # trailers sent
-        self.partial = False  # a message begun and not finished
-
-
-def _next_bytes(views: list[memoryview], at: int, off: int, n: int) -> tuple[list[memoryview], int, int]:
-    """The next ``n`` bytes of the concatenation of ``views``, from byte ``off`` of
-    ``views[at]``, as slices; and where the bytes after them start."""
-    out = []
-    while n:
-        view = views[at]
-        k = min(len(view) - off, n)
-        out.append(view[off : off + k])
-        off += k
-        n -= k
-        if off == len(view):
-            at, off = at + 1, 0
-    return out, at, off
 
 
 def _progress(reply: object, keys_left: int, chunk_left: int) -> tuple[int, int]:
@@ -197,13 +126,13 @@ class GetListener:
         self._tls = tls
         self.max_streams = max_streams
         self._server: asyncio.Server | None = None
-        self.connections: set[_Connection] = set()
+        self.connections: set[H2Connection] = set()
         self.port = 0
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self._host, self._port, ssl=self._tls, reuse_address=True
+            lambda: _GetConnection(self), self._host, self._port, ssl=self._tls, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
@@ -239,363 +168,20 @@ class GetListener:
                 task.cancel()
 
 
-class _Connection(asyncio.Protocol):
-    """One client's HTTP/2 connection."""
+class _GetConnection(H2Connection):
+    """A connection of the Get listener: each complete request is a Get call."""
 
     def __init__(self, listener: GetListener) -> None:
+        super().__init__(listener.connections, listener.max_streams)
         self._listener = listener
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._preface = False
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_LIST
-        self._streams: dict[int, _Stream] = {}
-        self._last_stream = 0
-        self._window = DEFAULT_WINDOW  # connection: bytes we may still send
-        self._initial = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
-        self._max_frame = MIN_FRAME  # the peer's SETTINGS_MAX_FRAME_SIZE
-        self._received = 0  # connection: bytes received and not yet given back
-        self._changed = asyncio.Event()  # a window grew, writing resumed, or the connection went
-        self._paused = False
-        self._closed = False
-        self._going = False  # our GOAWAY sent: no new streams
-        self._peer_going = False
-        self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
-        self.peer = "unknown"
-        self._sock: socket.socket | None = None
-        self._linger: asyncio.TimerHandle | None = None
-        #: Done once the connection is closed (both ways).
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    # -- asyncio.Protocol ------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # A send buffer the size of a chunk: the kernel takes a 1 MiB reply in one
-                # copy instead of pacing it to the reader.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            if transport.get_extra_info("sslcontext") is None:
-                # Our own handle on the socket, for writes of several pieces in one
-                # sendmsg while the transport has nothing buffered (see _write_pieces).
-                self._sock = socket.socket(fileno=os.dup(sock.fileno()))
-        name = transport.get_extra_info("peername")
-        if isinstance(name, tuple) and len(name) >= 2:
-            self.peer = f"ipv6:[{name[0]}]:{name[1]}" if ":" in str(name[0]) else f"ipv4:{name[0]}:{name[1]}"
-        self._listener.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        if self._linger is not None:
-            self._linger.cancel()
-        if not self.gone.done():
-            self.gone.set_result(None)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._listener.connections.discard(self)
-        for st in self._streams.values():
-            if st.task is not None:
-                st.task.cancel()
-        self._wake()
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._peer_going = True
-        if self._transport is not None and (self._closed or not self._streams):
-            self._transport.close()  # both sides done
-        return True  # keep the write side open for the replies in flight (a half-close)
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return  # closing: discarded
-        self._buf += data
-        try:
-            self._parse()
-        except _ConnectionError as exc:
-            log.debug("HTTP/2 get listener: closing %s: %s", self.peer, exc)
-            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, exc.code) + str(exc).encode()[:256]))
-            self.close()
-
-    # -- control ---------------------------------------------------------------------
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [st.task for st in self._streams.values() if st.task is not None]
-
-    def go_away(self) -> None:
-        """Refuse new streams; close once those open have ended."""
-        if not self._going and not self._closed:
-            self._going = True
-            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, NO_ERROR)))
-        self._close_if_idle()
-
-    def close(self) -> None:
-        """Close without losing what is queued: once it is sent, shut the write side
-        and discard what the client still sends until it closes too (or
-        :data:`LINGER_S` passed).  Closing with unread bytes from the client would
-        make the kernel reset the connection and drop the end of a reply."""
-        transport = self._transport
-        if transport is None or self._closed:
-            self._wake()
-            return
-        self._closed = True
-        self._wake()
-        for st in self._streams.values():
-            if st.task is not None:
-                st.task.cancel()
-        if transport.can_write_eof():
-            transport.write_eof()  # after the buffer drains
-            self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.abort)
-        else:  # TLS: close_notify after the buffer drains
-            transport.close()
-
-    def abort(self) -> None:
-        """Close at once (a client that does not close after our shutdown, or the end of a stop)."""
-        if self._transport is not None:
-            self._closed = True
-            self._transport.abort()
-
-    def _close_if_idle(self) -> None:
-        if (self._going or self._peer_going) and not self._streams:
-            self.close()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _write(self, data: bytes | memoryview) -> None:
-        if not self._closed and self._transport is not None:
-            self._transport.write(data)
-
-    # -- reading frames ----------------------------------------------------------------
-    def _parse(self) -> None:
-        buf = self._buf
-        if not self._preface:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    self._not_http2()
-                return
-            if bytes(buf[: len(PREFACE)]) != PREFACE:
-                self._not_http2()
-                return
-            del buf[: len(PREFACE)]
-            self._preface = True
-            settings = struct.pack(
-                ">HIHIHI",
-                SETTINGS_MAX_CONCURRENT_STREAMS, self._listener.max_streams,
-                SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
-                SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
-            )
-            self._write(
-                frame(SETTINGS, 0, 0, settings)
-                + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECV_WINDOW - DEFAULT_WINDOW))
-            )
-        pos = 0
-        view = memoryview(buf)
-        try:
-            while len(buf) - pos >= 9 and not self._closed:
-                length, kind, flags, stream = parse_frame_header(view[pos : pos + 9])
-                if length > MIN_FRAME:  # we never raise SETTINGS_MAX_FRAME_SIZE
-                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes; at most {MIN_FRAME}")
-                if len(buf) - pos < 9 + length:
-                    break
-                payload = bytes(view[pos + 9 : pos + 9 + length])
-                pos += 9 + length
-                self._frame(kind, flags, stream, payload)
-        finally:
-            view.release()
-            del buf[:pos]
-
-    def _not_http2(self) -> None:
-        """Not an HTTP/2 client: say so in HTTP/1.1 and close."""
-        self._write(
-            b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-            b"This port serves gRPC (HTTP/2 with prior knowledge) KVStore/Get only.\n"
-        )
-        self.close()
-
-    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
-        if self._continuing is not None and kind != CONTINUATION:
-            raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted by another frame")
-        if kind == DATA:
-            self._on_data(flags, stream, payload)
-        elif kind == HEADERS:
-            self._on_headers(flags, stream, payload)
-        elif kind == CONTINUATION:
-            self._on_continuation(flags, stream, payload)
-        elif kind == SETTINGS:
-            self._on_settings(flags, stream, payload)
-        elif kind == PING:
-            if stream != 0 or len(payload) != 8:
-                raise _ConnectionError(PROTOCOL_ERROR if stream else FRAME_SIZE_ERROR, "malformed PING")
-            if not flags & ACK:
-                self._write(frame(PING, ACK, 0, payload))
-        elif kind == WINDOW_UPDATE:
-            self._on_window_update(stream, payload)
-        elif kind == RST_STREAM:
-            if stream == 0 or len(payload) != 4:
-                raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
-            st = self._streams.pop(stream, None)
-            if st is not None and st.task is not None:
-                st.task.cancel()
-            self._close_if_idle()
-        elif kind == GOAWAY:
-            self._peer_going = True
-            self._close_if_idle()
-        elif kind == PUSH_PROMISE:
-            raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
-        # PRIORITY and unknown types: nothing to do (RFC 9113 5.5).
-
-    def _on_settings(self, flags: int, stream: int, payload: bytes) -> None:
-        if stream != 0:
-            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
-            if payload:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-            return
-        if len(payload) % 6:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6 bytes")
-        for i in range(0, len(payload), 6):
-            ident, value = struct.unpack(">HI", payload[i : i + 6])
-            if ident == SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise _ConnectionError(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value}")
-                delta, self._initial = value - self._initial, value
-                for st in self._streams.values():
-                    st.window += delta
-            elif ident == SETTINGS_MAX_FRAME_SIZE:
-                if not MIN_FRAME <= value <= MAX_FRAME:
-                    raise _ConnectionError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
-                self._max_frame = value
-        self._write(frame(SETTINGS, ACK, 0))
-        self._wake()
-
-    def _on_window_update(self, stream: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
-        grow = int.from_bytes(payload, "big") & MAX_WINDOW
-        if stream == 0:
-            if grow == 0 or self._window + grow > MAX_WINDOW:
-                raise _ConnectionError(PROTOCOL_ERROR if grow == 0 else FLOW_CONTROL_ERROR, "bad connection WINDOW_UPDATE")
-            self._window += grow
-        else:
-            st = self._streams.get(stream)
-            if st is None:
-                return
-            if grow == 0 or st.window + grow > MAX_WINDOW:
-                self._reset(st, PROTOCOL_ERROR if grow == 0 else FLOW_CONTROL_ERROR)
-                return
-            st.window += grow
-        self._wake()
-
-    def _on_headers(self, flags: int, stream: int, payload: bytes) -> None:
-        if stream == 0 or stream % 2 == 0:
-            raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {stream}")
-        start, end = 0, len(payload)
-        if flags & PADDED:
-            if not payload:
-                raise _ConnectionError(PROTOCOL_ERROR, "padded HEADERS without its pad length")
-            start, end = 1, end - payload[0]
-        if flags & PRIORITY_FLAG:
-            start += 5
-        if start > end:
-            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS padding longer than the frame")
-        fragment = payload[start:end]
-        if flags & END_HEADERS:
-            self._on_block(stream, flags, fragment)
-        else:
-            self._continuing = (stream, flags, [fragment], len(fragment))
-
-    def _on_continuation(self, flags: int, stream: int, payload: bytes) -> None:
-        if self._continuing is None or self._continuing[0] != stream:
-            raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-        first, first_flags, parts, size = self._continuing
-        size += len(payload)
-        if size > MAX_HEADER_LIST:
-            raise _ConnectionError(PROTOCOL_ERROR, f"header block over {MAX_HEADER_LIST} bytes")
-        parts.append(payload)
-        self._continuing = (first, first_flags, parts, size)
-        if flags & END_HEADERS:
-            self._continuing = None
-            self._on_block(stream, first_flags, b"".join(parts))
-
-    def _on_block(self, stream: int, flags: int, block: bytes) -> None:
-        fields = stateless_fields(block)
-        if fields is None:  # a block that uses or changes HPACK's table (grpcio's, say)
-            try:
-                fields = [(str(k), str(v)) for k, v in self._decoder.decode(block)]
-            except hpack.HPACKError as exc:
-                raise _ConnectionError(COMPRESSION_ERROR, f"undecodable header block: {exc}") from None
-        st = self._streams.get(stream)
-        if st is not None:  # trailers of the request: they end it
-            if not flags & END_STREAM or st.task is not None:
-                self._reset(st, PROTOCOL_ERROR)
-                return
-            self._start(st)
-            return
-        if stream <= self._last_stream:
-            raise _ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {stream}")
-        self._last_stream = stream
-        if self._going or len(self._streams) >= self._listener.max_streams:
-            self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", REFUSED_STREAM)))
-            return
-        st = self._streams[stream] = _Stream(stream, fields, self._initial)
-        if flags & END_STREAM:
-            self._start(st)
-
-    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
-        self._received += len(payload)
-        if self._received >= RECV_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
-            self._received = 0
-        if stream == 0 or stream > self._last_stream:
-            raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {stream}")
-        st = self._streams.get(stream)
-        if st is None or st.task is not None:
-            self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", STREAM_CLOSED)))
-            return
-        start, end = 0, len(payload)
-        if flags & PADDED:
-            if not payload or payload[0] >= len(payload):
-                raise _ConnectionError(PROTOCOL_ERROR, "DATA padding longer than the frame")
-            start, end = 1, end - payload[0]
-        st.body += payload[start:end]
-        if len(st.body) > MAX_REQUEST + 5:
-            self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
-            self._reset(st, NO_ERROR)
-            return
-        if flags & END_STREAM:
-            self._start(st)
-            return
-        st.unacked += len(payload)
-        if st.unacked >= RECV_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, stream, struct.pack(">I", st.unacked)))
-            st.unacked = 0
-
-    def _reset(self, st: _Stream, code: int) -> None:
-        self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", code)))
-        self._streams.pop(st.id, None)
-        if st.task is not None:
-            st.task.cancel()
-        self._close_if_idle()
-
-    # -- a call -----------------------------------------------------------------------
-    def _start(self, st: _Stream) -> None:
+    def _start(self, st: Stream) -> None:
         call = self._request(st)
         if isinstance(call, _Call) and self._serve_now(st, call):
             return
         st.task = asyncio.get_running_loop().create_task(self._serve(st, call))
 
-    def _serve_now(self, st: _Stream, call: _Call) -> bool:
+    def _serve_now(self, st: Stream, call: _Call) -> bool:
         """Serve the call here and now when every chunk is in the top tier's host memory
         and the whole reply fits the windows (one sendmsg, no task, no trip through the
         event loop); False: serve it with :meth:`_serve` (which reports any error)."""
@@ -619,10 +205,10 @@ class _Connection(asyncio.Protocol):
             if total > min(self._window, st.window) or total > NOW_MAX:
                 return False
             pieces: list[bytes | memoryview] = []
-            small: list[bytes | memoryview] = [frame(HEADERS, END_HEADERS, st.id, _REPLY_HEADERS)]
+            small: list[bytes | memoryview] = [frame(HEADERS, END_HEADERS, st.id, REPLY_HEADERS)]
             for message in messages:
                 self._data_frames(st.id, message, pieces, small)
-            small.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))
+            small.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, OK_TRAILERS))
             pieces.append(b"".join(small))
             self._window -= total
             st.window -= total
@@ -637,31 +223,7 @@ class _Connection(asyncio.Protocol):
         self._close_if_idle()
         return True
 
-    def _data_frames(
-        self, stream: int, parts: tuple[bytes | memoryview, ...], out: list[bytes | memoryview],
-        small: list[bytes | memoryview],
-    ) -> None:
-        """Append to ``out`` the DATA frames carrying ``parts`` (frames of at most the
-        peer's size).  Pieces under :data:`JOIN_BELOW` gather in ``small`` (bytes due
-        before them may be there already) and go out joined before the next large
-        one; what is left in ``small`` is the caller's to send."""
-        views = [memoryview(p) for p in parts]
-        left = sum(len(v) for v in views)
-        at = off = 0
-        while left:
-            n = min(left, self._max_frame)
-            small.append(frame_header(DATA, 0, stream, n))
-            slices, at, off = _next_bytes(views, at, off, n)
-            for piece in slices:
-                if len(piece) < JOIN_BELOW:
-                    small.append(piece)
-                else:
-                    out.append(b"".join(small))
-                    out.append(piece)
-                    small.clear()
-            left -= n
-
-    async def _serve(self, st: _Stream, call: _Call | tuple[int, str]) -> None:
+    async def _serve(self, st: Stream, call: _Call | tuple[int, str]) -> None:
         started, name = time.perf_counter(), "UNKNOWN"
         try:
             code, message = call if isinstance(call, tuple) else await self._call(st, call)
@@ -679,7 +241,7 @@ class _Connection(asyncio.Protocol):
                 del self._streams[st.id]
             self._close_if_idle()
 
-    def _request(self, st: _Stream) -> _Call | tuple[int, str]:
+    def _request(self, st: Stream) -> _Call | tuple[int, str]:
         """The call a stream's headers and body make, or the status refusing it."""
         fields = st.fields
         head = {k: v for k, v in fields if k.startswith(":") or k in ("content-type", "grpc-timeout", "grpc-encoding")}
@@ -714,7 +276,7 @@ class _Connection(asyncio.Protocol):
             return INVALID_ARGUMENT, str(request)
         return _Call(request, tuple((k, v) for k, v in fields if not k.startswith(":")), timeout_s)
 
-    async def _call(self, st: _Stream, call: _Call) -> tuple[int, str]:
+    async def _call(self, st: Stream, call: _Call) -> tuple[int, str]:
         """Run the call; its status."""
         request, timeout_s = call.request, call.timeout_s
         context: Any = _Context(self.peer, call.metadata)
@@ -742,71 +304,3 @@ class _Connection(asyncio.Protocol):
             return DEADLINE_EXCEEDED, f"the call's deadline ({timeout_s:g} s) passed before its reply was sent"
         return OK, ""
 
-    async def _send(self, st: _Stream, pieces: tuple[bytes | memoryview, ...], *, trailers: bool = False) -> None:
-        """One gRPC message of ``pieces`` in DATA frames, as the windows allow; with
-        ``trailers``, the OK trailers in the same write as its last frame."""
-        first = b""
-        if not st.replying:
-            st.replying = True
-            first = frame(HEADERS, END_HEADERS, st.id, _REPLY_HEADERS)
-        total = sum(len(p) for p in pieces)
-        views = [memoryview(struct.pack(">BI", 0, total)), *(memoryview(p) for p in pieces)]
-        left, at, off = total + 5, 0, 0
-        while left:
-            n = await self._allowance(st, left)
-            self._window -= n
-            st.window -= n
-            slices, at, off = _next_bytes(views, at, off, n)
-            out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n), *slices]
-            first = b""
-            left -= n
-            if trailers and not left:
-                out.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, _OK_TRAILERS))
-                st.ended = True
-            self._write_pieces(out)
-            st.partial = left > 0  # part of the message is on the wire
-
-    def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
-        """Write ``pieces`` in order: in one sendmsg when the transport has nothing
-        buffered (no copy, one system call, one segment for the small ones), what
-        the socket did not take through the transport."""
-        if self._closed or self._transport is None:
-            return
-        sent = 0
-        if self._sock is not None and not self._transport.get_write_buffer_size():
-            try:
-                sent = self._sock.sendmsg(pieces)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                pass  # the transport sees it too, and reports it
-        for piece in pieces:
-            if sent >= len(piece):
-                sent -= len(piece)
-                continue
-            self._transport.write(piece[sent:] if sent else piece)
-            sent = 0
-
-    async def _allowance(self, st: _Stream, want: int) -> int:
-        """Bytes of the next DATA frame, once the windows and the transport allow any."""
-        while True:
-            if self._closed:
-                raise ConnectionError("the connection closed")
-            n = min(want, self._max_frame, self._window, st.window)
-            if n > 0 and not self._paused:
-                return n
-            await self._changed.wait()
-
-    def _end(self, st: _Stream, code: int, message: str) -> None:
-        """Trailers with the call's status (a trailers-only reply if nothing was sent)."""
-        if self._streams.get(st.id) is not st or st.ended:
-            return  # reset meanwhile, or the trailers went with the last message
-        if st.partial:  # a message cut off (its deadline passed while it waited for the window)
-            self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", CANCEL if code == DEADLINE_EXCEEDED else INTERNAL_ERROR)))
-            return
-        block = b"" if st.replying else _REPLY_HEADERS
-        if code == OK:
-            block += _OK_TRAILERS
-        else:
-            block += literal("grpc-status", str(code)) + literal("grpc-message", grpc_message(message)[:4096])
-        self._write(frame(HEADERS, END_HEADERS | END_STREAM, st.id, block))
