@@ -516,10 +516,10 @@ class H2Connection(asyncio.Protocol):
         if self._sock is not None and not self._transport.get_write_buffer_size():
             try:
                 sent = self._sock.sendmsg(pieces)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
             except OSError:
-                pass  # the transport sees it too, and reports it
+                # Full (EAGAIN), interrupted, or the connection broke: everything goes to the
+                # transport, which buffers it or reports the failure (connection_lost).
+                sent = 0
         for piece in pieces:
             if sent >= len(piece):
                 sent -= len(piece)
