@@ -191,6 +191,10 @@ class ServerConfig:
     #: Let those clients read chunks in the CPU tier straight from its memory (read-only),
     #: skipping a request per get; only without token_file (kvstore/tiers/shared_arena.py).
     shm_direct_reads: bool = True
+    #: ... and write chunks into it themselves, in blocks the daemon reserves for them: one copy
+    #: and one round trip a put (kvstore/server/direct_writes.py); needs shm_direct_reads,
+    #: only without token_file; the daemon trusts their checksums.
+    shm_direct_writes: bool = True
     #: Serve Get also on a listener of kvstore's own (HTTP/2, the same gRPC method, without
     #: grpcio's per-call costs; kvstore/server/h2get.py), whose port the daemon tells clients.
     http2_get: bool = True
@@ -418,7 +422,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 # -- building ---------------------------------------------------------------
 _SERVER_FIELDS = {
     "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm", "shm_direct_reads",
-    "http2_get", "http2_get_port", "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
+    "shm_direct_writes", "http2_get", "http2_get_port", "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
 }
 _LIMITS_FIELDS = {"max_memory", "max_inflight", "max_streams_per_client", "stream_wait_s", "tenant_quotas"}
 #: TierConfig field -> its name in a config file, for the remote-tier options.
@@ -458,6 +462,7 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
         ),
         shm=_bool(d.get("shm", True), "server.shm"),
         shm_direct_reads=_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
+        shm_direct_writes=_bool(d.get("shm_direct_writes", True), "server.shm_direct_writes"),
         http2_get=_bool(d.get("http2_get", True), "server.http2_get"),
         http2_get_port=_int(d.get("http2_get_port", 0), "server.http2_get_port", 0, 65535),
         max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),

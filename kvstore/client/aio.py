@@ -45,7 +45,7 @@ from kvstore.errors import (
 from kvstore.keys import ChunkKey
 from kvstore.server import frames
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
-from kvstore.server.service import meta_from_pb, meta_to_pb
+from kvstore.server.messages import meta_from_pb, meta_to_pb
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from kvstore.chunk import ChunkMeta
+from kvstore.client.arena_writes import ArenaWrites
 from kvstore.errors import CapacityError, InvalidArgument, KVStoreError, error_for_status
-from kvstore.server.service import meta_to_pb
+from kvstore.server.messages import meta_to_pb
 from kvstore.server.shm_channel import (
     HEADER,
     HELLO,
@@ -37,13 +38,14 @@ from kvstore.server.shm_channel import (
     KIND_HELLO,
     KIND_OK,
     KIND_TOUCHED,
+    KIND_WRITE,
     MAX_BODY,
     TOUCH,
     encode,
 )
 from kvstore.tiers.allocator import FreeListAllocator
 from kvstore.tiers.shared_arena import SUPPORTED as SHARING_SUPPORTED
-from kvstore.tiers.shared_arena import ArenaReader
+from kvstore.tiers.shared_arena import DESCRIPTION, ArenaReader
 from kvstore.v1 import kvstore_pb2 as pb
 
 SHM_DIR = Path("/dev/shm")
@@ -216,6 +218,8 @@ class BlockingControlChannel:
         self._untold: list[tuple[str, float]] = []
         self._untold_since = 0.0
         self._untold_lock = threading.Lock()
+        #: Direct writes, once the first one is made.
+        self._writes: ArenaWrites | None = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
@@ -263,7 +267,7 @@ class BlockingControlChannel:
             self.attempted_attach = True
             try:
                 self._sock.sendall(encode(KIND_ATTACH, b""))
-                head, fds, _flags, _addr = socket.recv_fds(self._sock, HEADER.size + 16, 2)
+                head, fds, _flags, _addr = socket.recv_fds(self._sock, HEADER.size + DESCRIPTION.size, 2)
                 if len(head) < HEADER.size:
                     head += self._recv(HEADER.size - len(head))
                 length, kind = HEADER.unpack_from(head)
@@ -286,6 +290,31 @@ class BlockingControlChannel:
         finally:
             _close_all(fds)
         return self.arena
+
+    def try_put(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, durable: bool) -> str | None:
+        """Put ``payload`` (flat uint8 on the CPU, ``meta`` without a checksum) by
+        writing it into the daemon's arena (kvstore/client/arena_writes.py); the
+        tier it went to, or None when that is not possible now (not offered, the
+        channel busy or gone): use another path.  Raises the daemon's errors."""
+        arena = self.arena if self.attempted_attach else self.attach()
+        if arena is None or not arena.writable or not meta.nbytes or not self.alive():
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._writes is None:
+                self._writes = ArenaWrites(arena)
+            return self._writes.put(self._arena_call, key_text, meta, payload, durable)
+        finally:
+            self._lock.release()
+
+    def _arena_call(self, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
+        return pb.ArenaPutReply.FromString(self._call(KIND_WRITE, request.SerializeToString()))
+
+    @property
+    def direct_writes(self) -> int:
+        """Puts written into the daemon's arena over this channel."""
+        return 0 if self._writes is None else self._writes.count
 
     def alive(self) -> bool:
         """False once the daemon closed this connection (checked without waiting):
@@ -362,8 +391,16 @@ class BlockingControlChannel:
         if self._untold and not self.broken:
             untold, self._untold = self._untold, []
             self.try_tell(untold)
+        if self._writes is not None and not self.broken and self._lock.acquire(blocking=False):
+            try:
+                with contextlib.suppress(OSError, KVStoreError):
+                    self._writes.give_back(self._arena_call)
+            finally:
+                self._lock.release()
         self.broken = True
         self._sock.close()
+        if self._writes is not None:
+            self._writes.close()
         if self.arena is not None:
             self.arena.close()
 

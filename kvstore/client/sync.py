@@ -8,9 +8,15 @@ Two shortcuts go straight from the calling thread to the daemon over a
 blocking socket, skipping the hop to the event loop's thread (0.1-0.3 ms a
 call on a loaded machine):
 
+* ``put`` of a CPU tensor or bytes written by this process straight into
+  the daemon's CPU tier memory, which the daemon maps writable into clients on
+  its host when it has no token file (direct writes,
+  kvstore/client/arena_writes.py): one copy and one request, over the
+  daemon's control channel (``BlockingControlChannel``).
+  ``direct_writes=False`` turns it off;
 * ``put`` of a tensor that lives in the shared-memory segment
-  (:meth:`Client.buffer`) and ``get_into`` such a tensor, over the daemon's
-  control channel (``BlockingControlChannel``);
+  (:meth:`Client.buffer`) and ``get_into`` such a tensor, over the same
+  channel;
 * every get over the byte stream (no shared memory: ``shm=False``, or a
   daemon on another host), over the client's own HTTP/2 connection
   (:mod:`kvstore.client.h2get`): the same gRPC ``Get`` call, its payload read
@@ -39,14 +45,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvstore.chunk import ChunkMeta
+from kvstore.chunk import Chunk, ChunkMeta
 from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
 from kvstore.client.h2get import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
 from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
-from kvstore.server.service import meta_from_pb
-from kvstore.tiers.memory import tensor_view
+from kvstore.server.messages import meta_from_pb
+from kvstore.tiers.memory import as_uint8_tensor, tensor_view
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -56,18 +62,20 @@ T = TypeVar("T")
 class Client:
     """Blocking client of the kvstore daemon; same arguments as :class:`AsyncClient`, and
     ``http2_get`` (default True): gets over the byte stream use the client's own
-    HTTP/2 connection, and ``direct_reads`` (default True): with shared memory,
-    chunks in the daemon's CPU tier are read from its memory (see the module
+    HTTP/2 connection, ``direct_reads`` (default True): with shared memory,
+    chunks in the daemon's CPU tier are read from its memory, and
+    ``direct_writes`` (default True): puts are written into it (see the module
     docstring)."""
 
     def __init__(
-        self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, direct_reads: bool = True, **kwargs: Any
+        self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, direct_reads: bool = True,
+        direct_writes: bool = True, **kwargs: Any,
     ) -> None:
-        if not isinstance(http2_get, bool):
-            raise InvalidArgument(f"http2_get must be True or False, got {http2_get!r}")
-        if not isinstance(direct_reads, bool):
-            raise InvalidArgument(f"direct_reads must be True or False, got {direct_reads!r}")
+        for name, flag in (("http2_get", http2_get), ("direct_reads", direct_reads), ("direct_writes", direct_writes)):
+            if not isinstance(flag, bool):
+                raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
         self._direct_reads = direct_reads
+        self._direct_writes = direct_writes
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
         self._thread.start()
@@ -139,6 +147,9 @@ class Client:
         return 0 if self._h2 is None else self._h2.served
 
     def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
+        tier = self._arena_put(key, value, durable)
+        if tier is not None:
+            return tier
         if isinstance(value, torch.Tensor):
             tier = self._direct_put(key, value, durable)
             if tier is not None:
@@ -274,6 +285,30 @@ class Client:
             raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._aio.timeout_s} s") from None
         except (OSError, NotFound):
             return None
+
+    def _arena_put(self, key: KeyLike, value: Value, durable: bool) -> str | None:
+        """A direct write (see the module docstring), or None: take another path."""
+        if not self._direct_writes or isinstance(value, Chunk):
+            return None
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return None
+        direct = self._direct()
+        if direct is None:
+            return None
+        text = _key_text(key)
+        meta, view = to_payload(value, with_checksum=False)
+        try:
+            return direct[1].try_put(text, meta, as_uint8_tensor(view), durable)
+        except TimeoutError:
+            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._aio.timeout_s} s") from None
+        except (OSError, NotFound):
+            return None  # the connection is gone (closed), or the daemon lost the segment
+
+    @property
+    def direct_writes(self) -> int:
+        """Puts this client wrote into the daemon's shared arena (over the current control channel)."""
+        ch = self._blocking
+        return 0 if ch is None else ch.direct_writes
 
     def _direct_put(self, key: KeyLike, value: torch.Tensor, durable: bool) -> str | None:
         direct = self._direct()

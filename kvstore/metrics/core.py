@@ -109,6 +109,8 @@ class Snapshot:
     lookup_hits: int
     #: Hits clients served themselves from the shared arena (told afterwards; in ``gets`` too).
     shared_reads: int
+    #: Puts clients wrote into the shared arena themselves (direct writes; in the tier's writes too).
+    direct_writes: int
     #: Chunks the shared tier could not publish for direct reads (an index bucket was full).
     shared_unpublished: int
     pins: int
@@ -135,6 +137,7 @@ class Metrics:
         self.lookup_keys = 0
         self.lookup_hits = 0
         self.shared_reads = 0
+        self.direct_writes = 0
         self._reads: dict[str, IOCounter] = defaultdict(IOCounter)
         self._writes: dict[str, IOCounter] = defaultdict(IOCounter)
         self._ns: dict[Namespace, _NsTraffic] = defaultdict(_NsTraffic)
@@ -266,6 +269,7 @@ class Metrics:
             lookup_keys=self.lookup_keys,
             lookup_hits=self.lookup_hits,
             shared_reads=self.shared_reads,
+            direct_writes=self.direct_writes,
             shared_unpublished=self._shared_unpublished(),
             pins=stats.pins,
             uptime_s=time.monotonic() - self._started,

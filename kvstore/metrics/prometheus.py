@@ -49,6 +49,10 @@ def _global_families(s: Snapshot) -> Iterator[Metric]:
         [], [([], s.shared_reads)],
     )
     yield _family(
+        C, "kvstore_direct_writes", "Chunk puts clients wrote into the shared CPU arena themselves (counted in writes too).",
+        [], [([], s.direct_writes)],
+    )
+    yield _family(
         C, "kvstore_shared_unpublished",
         "Puts into the CPU tier not published for direct reads (their index bucket was full): gets of those chunks use a request.",
         [], [([], s.shared_unpublished)],

@@ -152,6 +152,7 @@ class Daemon:
             max_batch=cfg.server.max_batch,
             shm=cfg.server.shm,
             shm_direct_reads=cfg.server.shm_direct_reads,
+            shm_direct_writes=cfg.server.shm_direct_writes,
             max_concurrent_streams=cfg.server.max_concurrent_streams,
             metrics=self.metrics,
             limits=cfg.server.limits,

@@ -28,8 +28,10 @@ from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal, TokenTable, principal_of
 from kvstore.server.buffers import RecvBuffer
+from kvstore.server.direct_writes import DirectWrites
 from kvstore.server.frames import HeaderWithData
 from kvstore.server.limits import Limits
+from kvstore.server.messages import meta_from_pb, meta_to_pb, parse_key
 from kvstore.server.shm import SegmentTable
 from kvstore.server.shm_channel import ShmChannel
 from kvstore.store import TieredStore
@@ -52,40 +54,6 @@ PLAIN_CLIENT_FRAME = (4 << 20) - 64
 THREAD_MIN = 8 << 20
 
 
-def meta_from_pb(m: pb.ChunkMeta, where: str = "meta") -> ChunkMeta:
-    try:
-        return ChunkMeta(
-            nbytes=m.nbytes,
-            checksum=m.checksum,
-            codec=m.codec or "raw",
-            codec_version=m.codec_version or 1,
-            dtype=m.dtype or "uint8",
-            shape=tuple(m.shape),
-            layout=m.layout or "LKTHD",
-        )
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{where}: {exc}") from None
-
-
-def meta_to_pb(m: ChunkMeta) -> pb.ChunkMeta:
-    return pb.ChunkMeta(
-        nbytes=m.nbytes,
-        checksum=m.checksum,
-        codec=m.codec,
-        codec_version=m.codec_version,
-        dtype=m.dtype,
-        shape=list(m.shape),
-        layout=m.layout,
-    )
-
-
-def parse_key(text: str, where: str = "key") -> ChunkKey:
-    try:
-        return ChunkKey.parse(text)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{where}: {exc}") from None
-
-
 class KVStoreService(pb_grpc.KVStoreServicer):
     def __init__(
         self,
@@ -97,6 +65,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         max_batch: int,
         shm: bool,
         shm_direct_reads: bool = True,
+        shm_direct_writes: bool = True,
         max_inflight_bytes: int = 2 << 30,
         max_concurrent_streams: int = 256,
         threads: int = 2,
@@ -112,6 +81,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         self._max_batch = max_batch
         self._segments = SegmentTable() if shm else None
         self._direct_reads = shm_direct_reads
+        self._direct_writes = shm_direct_writes
         #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
         self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
@@ -126,6 +96,11 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             client_mapped=lambda: 0 if self._segments is None else self._segments.mapped_bytes,
         )
         self.requests = 0
+        #: Puts local clients write into the CPU tier's memory themselves (direct_writes.py).
+        self.direct_writes = DirectWrites(
+            store, self.limits, self._metrics, max_chunk_bytes=max_chunk_bytes, max_batch=max_batch,
+            why_not=self._why_no_direct_writes,
+        )
 
     async def drain(self, timeout_s: float | None) -> None:
         """Let the shared-memory requests being served finish and refuse new ones (see ShmChannel.drain)."""
@@ -396,7 +371,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         if self._shm_channel is None:
             self._shm_channel = ShmChannel(
                 self._segs().authenticate, self.shm_put, self.shm_get, self._metrics.observe_rpc,
-                attach=self.shared_arena, touched=self.note_shared_reads,
+                attach=self.shared_arena, touched=self.note_shared_reads, writes=self.direct_writes,
             )
         return self._shm_channel
 
@@ -414,7 +389,19 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         tier = self._store.shared_tier()
         if tier is None or tier.shared is None:
             raise FailedPrecondition("no tier shares its memory (that takes an unpinned cpu tier on x86-64)")
-        return tier.shared.describe(), tier.shared.reader_fds()
+        writable = self.direct_writes.offered()
+        return tier.shared.describe(writable=writable), tier.shared.client_fds(writable=writable)
+
+    def _why_no_direct_writes(self) -> str | None:
+        if self._tokens is not None:
+            return "the daemon has a token file, and its memory holds every tenant's chunks"
+        if not self._direct_writes:
+            return "server.shm_direct_writes is false"
+        if not self._direct_reads:
+            return "they come with direct reads, and server.shm_direct_reads is false"
+        if self._store.writable_tier() is None:
+            return "the top tier does not share its memory (that takes an unpinned cpu tier on x86-64)"
+        return None
 
     def note_shared_reads(self, reads: list[tuple[str, float]], principal: Principal) -> None:
         """Count reads a client made from the shared arena, as gets served from its tier."""

@@ -20,11 +20,16 @@ where ``length`` counts kind + body.
 * ``P`` body ``ShmPutRequest`` -> ``O`` body ``PutReply``.
 * ``G`` body ``ShmGetRequest`` -> ``O`` body ``ShmGetReply``.
 * ``A`` attach, empty body -> ``O`` body ``u64 arena bytes | u64 index
-  bytes`` with two read-only file descriptors (arena, index) passed along
+  bytes | u64 flags`` with two file descriptors (arena, index) passed along
   (SCM_RIGHTS), or ``E`` FAILED_PRECONDITION when the daemon does not share
   its CPU tier's memory (a token file is configured, ``server.shm_direct_reads``
   is off, no tier can): the client then reads chunks straight from the
-  tier's memory (kvstore/tiers/shared_arena.py).
+  tier's memory (kvstore/tiers/shared_arena.py).  Flag bit 0: the arena's
+  descriptor is writable, and the connection may send ``W``; otherwise both
+  are read-only.
+* ``W`` body ``ArenaPutRequest`` -> ``O`` body ``ArenaPutReply``: direct
+  writes (kvstore/server/direct_writes.py).  Blocks the connection reserved
+  go back to the tier when it ends.
 * ``T`` touched, no reply: the keys a client read from the shared arena,
   each ``u32 microseconds | u16 length | key (utf-8)``, so that eviction
   order and read metrics count them.  A malformed one closes the connection.
@@ -56,6 +61,7 @@ from google.protobuf.message import DecodeError
 
 from kvstore.errors import Closed, InvalidArgument, KVStoreError
 from kvstore.server.auth import Principal
+from kvstore.server.direct_writes import DirectWrites, Held
 from kvstore.server.shm import NONCE_BYTES, FailedPrecondition, Segment
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -71,6 +77,7 @@ KIND_HELLO = ord("H")
 KIND_PUT = ord("P")
 KIND_GET = ord("G")
 KIND_ATTACH = ord("A")
+KIND_WRITE = ord("W")
 KIND_TOUCHED = ord("T")
 KIND_OK = ord("O")
 KIND_ERROR = ord("E")
@@ -96,7 +103,7 @@ def encode_error(exc: KVStoreError) -> bytes:
 
 
 #: The gRPC method each request kind stands for, in the RPC metrics.
-_METHODS = {KIND_PUT: "KVStore/ShmPut", KIND_GET: "KVStore/ShmGet"}
+_METHODS = {KIND_PUT: "KVStore/ShmPut", KIND_GET: "KVStore/ShmGet", KIND_WRITE: "KVStore/ArenaPut"}
 
 
 class ShmChannel:
@@ -111,6 +118,7 @@ class ShmChannel:
         *,
         attach: Attach | None = None,
         touched: Touched | None = None,
+        writes: DirectWrites | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._put = put
@@ -118,6 +126,7 @@ class ShmChannel:
         self._observe = observe
         self._attach = attach
         self._touched = touched
+        self._writes = writes
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
@@ -172,6 +181,7 @@ class ShmChannel:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
+        held: Held = {}  # blocks this connection reserved for direct writes
         try:
             principal: Principal | None = None
             while True:
@@ -201,11 +211,11 @@ class ShmChannel:
                         principal = self._hello(kind, body)
                         reply = b""
                     else:
-                        reply = await self._request(kind, body, principal)
+                        reply = await self._request(kind, body, principal, held)
                     writer.write(encode(KIND_OK, reply))
                 except KVStoreError as exc:
                     writer.write(encode_error(exc))
-                    if principal is None or kind not in (KIND_PUT, KIND_GET):
+                    if principal is None or kind not in _METHODS:
                         return
                 finally:
                     self._busy -= 1
@@ -220,6 +230,8 @@ class ShmChannel:
             # traceback); the client falls back to gRPC, which says UNAVAILABLE.
             return
         finally:
+            if held and self._writes is not None:
+                self._writes.release_all(held)
             self._conns.discard(writer)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 writer.close()
@@ -268,14 +280,14 @@ class ShmChannel:
         seg_id, nonce = HELLO.unpack(body)
         return self._authenticate(seg_id, nonce).principal
 
-    async def _request(self, kind: int, body: bytes, principal: Principal) -> bytes:
+    async def _request(self, kind: int, body: bytes, principal: Principal, held: Held) -> bytes:
         method = _METHODS.get(kind)
         if self._observe is None or method is None:
-            return await self._serve_request(kind, body, principal)
+            return await self._serve_request(kind, body, principal, held)
         t0 = time.perf_counter()
         code = "UNKNOWN"
         try:
-            reply = await self._serve_request(kind, body, principal)
+            reply = await self._serve_request(kind, body, principal, held)
             code = "OK"
             return reply
         except KVStoreError as exc:
@@ -284,14 +296,19 @@ class ShmChannel:
         finally:
             self._observe(method, time.perf_counter() - t0, code)
 
-    async def _serve_request(self, kind: int, body: bytes, principal: Principal) -> bytes:
+    async def _serve_request(self, kind: int, body: bytes, principal: Principal, held: Held) -> bytes:
+        if kind == KIND_WRITE:
+            if self._writes is None:
+                raise FailedPrecondition("this daemon takes no direct writes")
+            wrote = await self._writes.put(_parse(pb.ArenaPutRequest, body), principal, held)
+            return wrote.SerializeToString()
         if kind == KIND_PUT:
             put = await self._put(_parse(pb.ShmPutRequest, body), principal)
             return put.SerializeToString()
         if kind == KIND_GET:
             got = await self._get(_parse(pb.ShmGetRequest, body), principal)
             return got.SerializeToString()
-        raise InvalidArgument(f"unknown message kind {kind}; expected P or G after the hello")
+        raise InvalidArgument(f"unknown message kind {kind}; expected P, G or W after the hello")
 
 
 async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
@@ -311,7 +328,7 @@ async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
         return None
 
 
-M = TypeVar("M", pb.ShmPutRequest, pb.ShmGetRequest)
+M = TypeVar("M", pb.ShmPutRequest, pb.ShmGetRequest, pb.ArenaPutRequest)
 
 
 def _parse(cls: type[M], body: bytes) -> M:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Self
 
 from kvstore.chunk import Chunk, ChunkMeta
@@ -163,6 +163,61 @@ class StoreCore:
             await asyncio.gather(*jobs)
         return slot.tier.name
 
+    # -- direct writes: a local client writes into the top tier's memory --------
+    def writable_tier(self) -> MemoryTier | None:
+        """The top tier when local clients may write chunks into its memory
+        themselves (a host arena shared with them), else None."""
+        tier = self._slots[0].tier
+        return tier if isinstance(tier, MemoryTier) and tier.shared is not None else None
+
+    def _writable(self) -> tuple[Slot, MemoryTier]:
+        self._require_open()
+        tier = self.writable_tier()
+        if tier is None:
+            raise InvalidArgument(f"the top tier {self._slots[0].tier.name!r} does not share its memory")
+        return self._slots[0], tier
+
+    async def reserve(self, nbytes: int, *, keep: Collection[ChunkKey] = ()) -> int:
+        """Reserve a block of ``nbytes`` in :meth:`writable_tier` for a client to
+        write a chunk into, evicting to make room (but not ``keep``); its offset.
+        The block counts as used until :meth:`put_reserved` or :meth:`release`."""
+        slot, tier = self._writable()
+        if nbytes > self._capacity(slot):
+            raise CapacityError(f"chunk of {nbytes} bytes is larger than tier {tier.name!r} ({self._capacity(slot)} bytes)")
+        async with slot.lock:
+            await self._make_room(slot, None, nbytes, keep=keep)
+            return tier.reserve_block(nbytes)
+
+    def release(self, offset: int) -> None:
+        """Give back a block from :meth:`reserve` that was not put."""
+        _, tier = self._writable()
+        tier.release_block(offset)
+
+    async def put_reserved(
+        self, key: ChunkKey, offset: int, meta: ChunkMeta, *, durable: bool = False,
+        adopted: Callable[[], object] | None = None,
+    ) -> str:
+        """Store the chunk a client wrote into the block at ``offset`` (from
+        :meth:`reserve`, ``meta.nbytes`` long, ``meta.checksum`` computed by the
+        client over the block) as ``key``'s value: :meth:`put` without a copy.
+        The block is the chunk's once stored, also when this then raises (a
+        durable write-through that failed): ``adopted`` is called at that point."""
+        slot, tier = self._writable()
+        async with self._keys.hold(key):
+            async with slot.lock:
+                await self._make_quota_room(slot, key, meta.nbytes)
+                tier.adopt(key, offset, meta)
+                if adopted is not None:
+                    adopted()
+                slot.track(key, meta.nbytes, meta.checksum)
+            for other in self._slots[1:]:
+                if key in other.sizes and not other.holds(key, meta.checksum):
+                    await self._drop(other, key)
+            jobs = self._enqueue_write_through(slot, key, durable)
+        if jobs:
+            await asyncio.gather(*jobs)
+        return tier.name
+
     def _first_fitting(self, nbytes: int) -> Slot:
         for slot in self._slots:
             if not slot.tier.managed or nbytes <= self._capacity(slot):
@@ -264,7 +319,26 @@ class StoreCore:
         await tier.put(key, chunk)
         return chunk.meta
 
-    async def _make_room(self, slot: Slot, key: ChunkKey, n: int) -> None:
+    async def _make_room(self, slot: Slot, key: ChunkKey | None, n: int, *, keep: Collection[ChunkKey] = ()) -> None:
+        """Evict from ``slot`` (but not ``keep``) until ``n`` more bytes fit (within
+        ``key``'s namespace quota too; None: a block not yet any key's)."""
+        if key is not None:
+            await self._make_quota_room(slot, key, n)
+        while not self._fits(slot, n):
+            victim = slot.policy.victim(lambda k: k == key or k in keep or self._skip(k))
+            if victim is None:
+                if key is not None and key in slot.sizes:
+                    # Replacing a value of a different size: drop the old copy first.
+                    await slot.tier.delete(key)
+                    slot.untrack(key)
+                    continue
+                raise CapacityError(
+                    f"tier {slot.tier.name!r} cannot fit {n} bytes: "
+                    f"{slot.tier.used_bytes} of {self._capacity(slot)} used and the rest is pinned or in use"
+                )
+            await self._evict(slot, victim)
+
+    async def _make_quota_room(self, slot: Slot, key: ChunkKey, n: int) -> None:
         ns = key.namespace
         quota = self._quotas.get(ns)
         if quota is not None:
@@ -279,19 +353,6 @@ class StoreCore:
                         "and everything it holds there is pinned"
                     )
                 await self._evict(slot, victim)
-        while not self._fits(slot, n):
-            victim = slot.policy.victim(lambda k: k == key or self._skip(k))
-            if victim is None:
-                if key in slot.sizes:
-                    # Replacing a value of a different size: drop the old copy first.
-                    await slot.tier.delete(key)
-                    slot.untrack(key)
-                    continue
-                raise CapacityError(
-                    f"tier {slot.tier.name!r} cannot fit {n} bytes: "
-                    f"{slot.tier.used_bytes} of {self._capacity(slot)} used and the rest is pinned or in use"
-                )
-            await self._evict(slot, victim)
 
     async def _evict(self, slot: Slot, key: ChunkKey, *, demote: bool = True) -> str | None:
         """Move ``key`` out of ``slot``: demote to the next tier or drop.

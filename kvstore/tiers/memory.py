@@ -208,6 +208,40 @@ class MemoryTier(Tier):
         self._publish(key, off, meta)
         return meta
 
+    # -- blocks written by local clients (direct writes) ----------------------
+    def reserve_block(self, nbytes: int) -> int:
+        """A block of ``nbytes`` in the shared arena for a local client to write a
+        chunk into (its offset); it counts as used until :meth:`adopt` makes it a
+        chunk's or :meth:`release_block` gives it back.  CapacityError when no
+        free block is large enough (the store evicts first)."""
+        if self.shared is None:
+            raise InvalidArgument(f"tier {self.name!r} does not share its arena")
+        if nbytes <= 0:
+            raise InvalidArgument(f"a reserved block must have at least one byte, got {nbytes}")
+        off = self._alloc.alloc(nbytes)
+        if off is None:
+            raise CapacityError(
+                f"tier {self.name!r} has no free block of {nbytes} bytes "
+                f"(used {self._alloc.used} of {self._alloc.capacity})"
+            )
+        return off
+
+    def release_block(self, offset: int) -> None:
+        """Give back a block from :meth:`reserve_block` that holds no chunk."""
+        self._alloc.free(offset)
+
+    def adopt(self, key: ChunkKey, offset: int, meta: ChunkMeta) -> None:
+        """Make the reserved block at ``offset``, written by a client, ``key``'s
+        chunk (replacing any older value), as a put would."""
+        self._require_open()
+        self._publish(key, offset, meta)
+
+    def block(self, offset: int, nbytes: int) -> memoryview:
+        """The bytes of a reserved block (to verify what a client wrote)."""
+        if self._bytes is None:
+            raise InvalidArgument(f"tier {self.name!r} is not in host memory")
+        return self._bytes[offset : offset + nbytes]
+
     def _reserve(self, chunk: Chunk) -> tuple[int, torch.Tensor | memoryview]:
         """A block for ``chunk``'s payload: its offset and where to copy it."""
         arena = self._require_open()

@@ -36,6 +36,9 @@ metrics follow direct reads too, within a few milliseconds.
 Security: the files are read-only for clients (re-opened ``O_RDONLY`` before
 they are passed: a client cannot map them writable), but they hold every
 tenant's chunks, so the daemon offers them only when it has no token file.
+With direct writes (kvstore/server/direct_writes.py) the arena's descriptor
+is re-opened ``O_RDWR`` instead, and the client writes chunks into blocks the
+daemon reserved for it; the index stays read-only, written by the daemon alone.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ _EMPTY = bytes(16)
 SPLIT_MIN = 8 << 20
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
 _SLOT_CACHE = 1 << 16
+#: An attach reply's body: arena bytes, index bytes, flags.
+DESCRIPTION = struct.Struct("<QQQ")
+#: Flag: the arena's descriptor is writable (direct writes).
+WRITABLE = 1
 
 
 def _madvise(addr: int, length: int, advice: int) -> int:
@@ -209,14 +216,17 @@ class SharedArena:
         self._index[at + META_AT : at + META_AT + len(meta)] = meta
         _SEQ.pack_into(self._index, at, seq + 2)
 
-    def reader_fds(self) -> tuple[int, int]:
-        """Fresh read-only descriptors of (arena, index), for passing to a client;
-        the caller closes them once sent."""
-        return _reopen_read_only(self._arena_fd), _reopen_read_only(self._index_fd)
+    def client_fds(self, *, writable: bool = False) -> tuple[int, int]:
+        """Fresh descriptors of (arena, index), for passing to a client: read-only,
+        but the arena's writable with ``writable`` (direct writes,
+        kvstore/server/direct_writes.py); the caller closes them once sent."""
+        arena = _reopen(self._arena_fd, os.O_RDWR if writable else os.O_RDONLY)
+        return arena, _reopen(self._index_fd, os.O_RDONLY)
 
-    def describe(self) -> bytes:
-        """What a client needs besides the descriptors: the two sizes."""
-        return struct.pack("<QQ", self.arena_bytes, self.index_bytes)
+    def describe(self, *, writable: bool = False) -> bytes:
+        """What a client needs besides the descriptors: the two sizes, and flags
+        (:data:`WRITABLE`: the arena's descriptor is writable)."""
+        return DESCRIPTION.pack(self.arena_bytes, self.index_bytes, WRITABLE if writable else 0)
 
     def close(self) -> None:
         """Mark the index closed (clients stop reading) and drop the daemon's mappings."""
@@ -234,8 +244,8 @@ class SharedArena:
                 os.close(fd)
 
 
-def _reopen_read_only(fd: int) -> int:
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def _reopen(fd: int, mode: int) -> int:
+    return os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
 
 
 class ArenaReader:
@@ -247,9 +257,11 @@ class ArenaReader:
     """
 
     def __init__(self, arena_fd: int, index_fd: int, description: bytes) -> None:
-        if len(description) != 16:
-            raise InvalidArgument(f"shared arena description is {len(description)} bytes, expected 16")
-        arena_bytes, index_bytes = struct.unpack("<QQ", description)
+        if len(description) != DESCRIPTION.size:
+            raise InvalidArgument(f"shared arena description is {len(description)} bytes, expected {DESCRIPTION.size}")
+        arena_bytes, index_bytes, flags = DESCRIPTION.unpack(description)
+        #: Whether this client may write chunks into the arena (direct writes).
+        self.writable = bool(flags & WRITABLE)
         for fd, n, what in ((arena_fd, arena_bytes, "arena"), (index_fd, index_bytes, "index")):
             if os.fstat(fd).st_size != n:
                 raise InvalidArgument(f"shared {what} is {os.fstat(fd).st_size} bytes, the daemon said {n}")
@@ -262,7 +274,8 @@ class ArenaReader:
             self._index.close()
             raise InvalidArgument("shared arena index size does not match its bucket count")
         self._buckets = buckets
-        self._arena_map = mmap.mmap(arena_fd, arena_bytes, prot=mmap.PROT_READ)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+        self._arena_map = mmap.mmap(arena_fd, arena_bytes, prot=prot)
         self.arena = torch.frombuffer(self._arena_map, dtype=torch.uint8)
         self.arena_bytes = arena_bytes
         self.reads = 0

@@ -213,3 +213,35 @@ class ShmGetReply(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ShmGetResult]
     def __init__(self, results: _Optional[_Iterable[_Union[ShmGetResult, _Mapping]]] = ...) -> None: ...
+
+class ArenaPutItem(_message.Message):
+    __slots__ = ("key", "meta", "offset", "micros")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MICROS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    meta: ChunkMeta
+    offset: int
+    micros: int
+    def __init__(self, key: _Optional[str] = ..., meta: _Optional[_Union[ChunkMeta, _Mapping]] = ..., offset: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
+
+class ArenaPutRequest(_message.Message):
+    __slots__ = ("items", "durable", "reserve", "release")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ArenaPutItem]
+    durable: bool
+    reserve: int
+    release: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, items: _Optional[_Iterable[_Union[ArenaPutItem, _Mapping]]] = ..., durable: _Optional[bool] = ..., reserve: _Optional[int] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ArenaPutReply(_message.Message):
+    __slots__ = ("results", "reserved")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PutResult]
+    reserved: int
+    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ..., reserved: _Optional[int] = ...) -> None: ...

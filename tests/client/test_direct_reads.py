@@ -99,7 +99,9 @@ def test_reads_are_counted_and_keep_chunks_warm(tmp_path: Path) -> None:
     directly (the daemon sees no get); then D: B must be the one evicted."""
     cfg = cpu_only("64MiB")
     cfg["tiers"][0]["eviction"] = "lru"
-    with DaemonProcess(tmp_path, cfg) as d, kvstore.Client(d.address) as c:
+    # Puts through the daemon: a direct write reserves the block of the next put
+    # ahead (kvstore/server/direct_writes.py), which would evict one put early here.
+    with DaemonProcess(tmp_path, cfg) as d, kvstore.Client(d.address, direct_writes=False) as c:
         a, b, cc, dd = (key(i, model="lru") for i in range(4))
         for k in (a, b, cc):
             c.put(k, torch.full((20 * MiB,), 1, dtype=torch.uint8))

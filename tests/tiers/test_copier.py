@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvstore.chunk import checksum
-from kvstore.tiers.copier import PART_ALIGN, Copier, finish, when_done
+from kvstore.tiers.copier import PART_ALIGN, SPLIT_SUMMED, SUM_PIECE, Copier, copy_summed, finish, when_done
 
 MiB = 1 << 20
 #: Small enough that the tests' buffers are split (the default is 8 MiB).
@@ -167,3 +167,21 @@ def test_each_part_is_seen_once_in_order_even_when_taken_back(pool: ThreadPoolEx
         release.set()
         for b in blockers:
             b.result()
+
+
+# -- copy_summed: the copy a direct write makes, checksummed as it goes -------------------------
+@pytest.mark.parametrize(
+    "n", [0, 1, 4095, SUM_PIECE - 1, SUM_PIECE, SUM_PIECE + 1, 5 * SUM_PIECE + 3, SPLIT_SUMMED - 1, SPLIT_SUMMED + 4097]
+)
+@pytest.mark.parametrize("with_pool", [True, False])
+def test_copy_summed_is_exact_and_sums_what_it_wrote(pool: ThreadPoolExecutor, n: int, with_pool: bool) -> None:
+    src, dst = buffers(n, seed=n + 1)
+    got = copy_summed(dst, src, pool if with_pool else None)
+    assert torch.equal(src, dst)
+    assert got == checksum(dst.numpy().data)
+
+
+def test_copy_summed_refuses_buffers_of_different_sizes(pool: ThreadPoolExecutor) -> None:
+    src, dst = buffers(100)
+    with pytest.raises(ValueError, match="copy of 100 bytes into 99"):
+        copy_summed(dst[:99], src, pool)

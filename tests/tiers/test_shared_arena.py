@@ -30,7 +30,7 @@ KEY = "t/m/fp/0001"
 
 def pair(arena_bytes: int = 16 * MiB, buckets: int | None = None) -> tuple[sa.SharedArena, sa.ArenaReader]:
     shared = sa.SharedArena(arena_bytes, buckets=buckets)
-    fds = shared.reader_fds()
+    fds = shared.client_fds()
     try:
         reader = sa.ArenaReader(*fds, shared.describe())
     finally:
@@ -109,7 +109,7 @@ def test_metadata_round_trips_and_overlong_metadata_is_not_published() -> None:
 
 def test_clients_cannot_write_through_their_descriptors() -> None:
     shared = sa.SharedArena(MiB)
-    arena_fd, index_fd = shared.reader_fds()
+    arena_fd, index_fd = shared.client_fds()
     try:
         for fd in (arena_fd, index_fd):
             with pytest.raises(PermissionError):
@@ -182,7 +182,7 @@ async def test_memory_tier_publishes_what_it_holds() -> None:
     tier = MemoryTier("cpu", 8 * MiB, shared=True)
     await tier.open()
     assert tier.shared is not None
-    fds = tier.shared.reader_fds()
+    fds = tier.shared.client_fds()
     reader = sa.ArenaReader(*fds, tier.shared.describe())
     for fd in fds:
         os.close(fd)

@@ -1,0 +1,165 @@
+"""Direct writes: a local client writes chunks into the daemon's CPU tier memory itself.
+
+A shared-memory put through the daemon costs two copies and a round trip:
+the client copies its tensor into its segment, the daemon copies it from
+there into the tier and checksums the copy while the client waits.  When the
+top tier shares its arena with local clients (kvstore/tiers/shared_arena.py:
+what direct reads map read-only), the daemon may instead hand a client a
+writable mapping of it and *reserve* blocks in it for the client: the client
+copies its tensor straight into a reserved block, checksums the block as it
+goes (piece by piece, while each piece is still in its cache), and hands the
+block over with an ``ArenaPutRequest`` on the control channel
+(kvstore/server/shm_channel.py, kind ``W``).  The daemon makes the block the
+key's chunk as a put would (eviction order, quotas, replacing an older value,
+write-through to lower tiers, the direct-read index) without reading it.  The
+same message reserves the block for the client's next put, so a client
+putting chunks of one size pays one round trip a put.  That reservation
+evicts as the next put would (one put early) but never a chunk the same
+request stored: when only that would make room, the reply reserves nothing
+and the next put reserves its block first (a second round trip), as in a
+tier that holds one chunk.
+
+What the daemon trusts: the checksum is the client's, computed over the
+block after writing it; the daemon does not read the block again.  That is
+the trust direct reads already place in local clients (the arena holds every
+tenant's chunks), so direct writes too are offered only without a token file
+(and only with ``server.shm_direct_writes``).  A client that wrote into a
+block after handing it over would corrupt its own chunk: kvstore's clients
+never do.
+
+Reserved blocks belong to the connection that reserved them (at most
+:data:`MAX_HELD` at a time, each at most ``max_chunk_bytes``); they count as
+used in the tier, and go back to it when given back (``release``) or when the
+connection ends.  A request is checked whole before anything in it is done:
+a bad item, or a block the connection does not hold, stores nothing and
+keeps the connection's blocks as they were.  ``release`` ignores offsets the
+connection does not hold, so a client that is not sure whether a failed put
+consumed its block (it does once the chunk is stored, also if a durable
+write-through then fails) names it there in its next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+
+from kvstore.chunk import ChunkMeta
+from kvstore.errors import CapacityError, Closed, InvalidArgument
+from kvstore.keys import ChunkKey
+from kvstore.metrics import Metrics
+from kvstore.server.auth import Principal
+from kvstore.server.limits import Limits
+from kvstore.server.messages import meta_from_pb, parse_key
+from kvstore.server.shm import FailedPrecondition
+from kvstore.store import TieredStore
+from kvstore.v1 import kvstore_pb2 as pb
+
+#: Blocks one connection may hold reserved at a time.
+MAX_HELD = 4
+
+#: A connection's reserved blocks: offset -> bytes.
+Held = dict[int, int]
+
+
+class DirectWrites:
+    """The daemon's side of direct writes (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: TieredStore,
+        limits: Limits,
+        metrics: Metrics,
+        *,
+        max_chunk_bytes: int,
+        max_batch: int,
+        why_not: Callable[[], str | None],
+    ) -> None:
+        self._store = store
+        self._limits = limits
+        self._metrics = metrics
+        self._max_chunk = max_chunk_bytes
+        self._max_batch = max_batch
+        #: Why direct writes are not offered now (None: they are).
+        self._why_not = why_not
+
+    def offered(self) -> bool:
+        return self._why_not() is None
+
+    async def put(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> pb.ArenaPutReply:
+        """Give back ``request.release``, store ``request.items`` (blocks in ``held``),
+        then reserve ``request.reserve`` bytes; ``held`` follows."""
+        why = self._why_not()
+        if why is not None:
+            raise FailedPrecondition(f"direct writes are off: {why}")
+        items = self._check(request, principal, held)
+        for off in request.release:
+            if held.pop(off, None) is not None:
+                self._store.release(off)
+        started = time.perf_counter()
+        results = []
+        written: list[tuple[ChunkKey, str, int]] = []
+        copying = sum(i.micros for i in request.items) / 1e6  # the clients' copies, told
+        for key, meta, off in items:
+            await self._limits.make_room_for_tenant(key, meta.nbytes)
+            tier = await self._store.put_reserved(
+                key, off, meta, durable=request.durable,
+                adopted=functools.partial(held.pop, off),  # the chunk's block from then on
+            )
+            results.append(pb.PutResult(key=str(key), tier=tier))
+            written.append((key, tier, meta.nbytes))
+        if written:
+            self._metrics.record_writes(written, copying + time.perf_counter() - started)
+            self._metrics.direct_writes += len(written)
+        reply = pb.ArenaPutReply(results=results)
+        if request.reserve:
+            stored = [key for key, _, _ in items]
+            try:
+                off = await self._store.reserve(request.reserve, keep=stored)
+            except CapacityError:
+                if not stored:
+                    raise
+                return reply  # ahead of a put: only if it evicts nothing just stored
+            held[off] = request.reserve
+            reply.reserved = off
+        return reply
+
+    def _check(
+        self, request: pb.ArenaPutRequest, principal: Principal, held: Held
+    ) -> list[tuple[ChunkKey, ChunkMeta, int]]:
+        if len(request.items) > self._max_batch:
+            raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
+        released = {off for off in request.release if off in held}
+        items = []
+        used = set()
+        for i, item in enumerate(request.items):
+            where = f"items[{i}]"
+            key = parse_key(item.key, f"{where}.key")
+            principal.check_key(key, write=True)
+            meta = meta_from_pb(item.meta, f"{where}.meta")
+            size = held.get(item.offset)
+            if size is None or item.offset in released or item.offset in used:
+                raise InvalidArgument(
+                    f"{where}: this connection holds no block at offset {item.offset} "
+                    "(reserve one first; each block carries one chunk)"
+                )
+            if meta.nbytes != size:
+                raise InvalidArgument(f"{where}: meta.nbytes {meta.nbytes} differs from the block's {size} bytes")
+            used.add(item.offset)
+            items.append((key, meta, item.offset))
+        if request.reserve:
+            if request.reserve > self._max_chunk:
+                raise CapacityError(
+                    f"reserve: {request.reserve} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
+                )
+            if len(held) - len(released) - len(used) >= MAX_HELD:
+                raise CapacityError(f"reserve: this connection already holds {MAX_HELD} blocks; put or release one first")
+        return items
+
+    def release_all(self, held: Held) -> None:
+        """Give back every block a connection still holds (it ended)."""
+        for off in list(held):
+            del held[off]
+            with contextlib.suppress(Closed):  # the store closed first: nothing to give back to
+                self._store.release(off)

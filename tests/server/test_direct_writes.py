@@ -1,0 +1,272 @@
+"""Direct writes (kvstore/server/direct_writes.py) of a real daemon, over the
+control channel's wire format with a plain socket: what a client never sends
+(blocks it does not hold, sizes that do not match, too many reservations,
+malformed requests), what the daemon offers to whom, and where reserved
+blocks go when a connection ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from kvstore.admin.client import AdminClient
+from kvstore.server.direct_writes import MAX_HELD
+from kvstore.server.shm_channel import HEADER, KIND_ATTACH, KIND_OK, KIND_WRITE
+from kvstore.tiers.shared_arena import DESCRIPTION, SUPPORTED, WRITABLE
+from kvstore.v1 import kvstore_pb2 as pb
+from tests.server import MiB, blob, channel, key, stub
+from tests.server.test_shm_channel import Registered, call, error_of, is_closed
+from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
+
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
+
+
+class Writer:
+    """A registered segment's control connection with the arena attached (writable)."""
+
+    def __init__(self, address: str) -> None:
+        self.reg = Registered(address, "")
+        self.sock = self.reg.connect()
+        self.sock.sendall(HEADER.pack(1, KIND_ATTACH))
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, HEADER.size + DESCRIPTION.size, 2)
+        assert HEADER.unpack_from(msg)[1] == KIND_OK and len(fds) == 2
+        self.arena_bytes, _index_bytes, self.flags = DESCRIPTION.unpack(msg[HEADER.size :])
+        self.arena_fd, self.index_fd = fds
+        self.map: mmap.mmap | None = None
+        if self.flags & WRITABLE:
+            self.map = mmap.mmap(self.arena_fd, self.arena_bytes)
+
+    def request(self, **fields: object) -> tuple[int, bytes]:
+        return call(self.sock, KIND_WRITE, pb.ArenaPutRequest(**fields).SerializeToString())
+
+    def ok(self, **fields: object) -> pb.ArenaPutReply:
+        kind, body = self.request(**fields)
+        assert kind == KIND_OK, error_of((kind, body))
+        return pb.ArenaPutReply.FromString(body)
+
+    def reserve(self, n: int) -> int:
+        reply = self.ok(reserve=n)
+        assert reply.HasField("reserved")
+        return reply.reserved
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert self.map is not None
+        self.map[offset : offset + len(data)] = data
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        self.sock.close()
+        for fd in (self.arena_fd, self.index_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.reg.close()
+
+
+def item(k: str, data: bytes, offset: int, **meta: object) -> pb.ArenaPutItem:
+    fields: dict[str, object] = {"nbytes": len(data), "checksum": xxhash.xxh3_64_intdigest(data), **meta}
+    return pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(**fields), offset=offset)
+
+
+def get(address: str, k: str) -> bytes | None:
+    with channel(address) as ch:
+        frames = list(stub(ch).Get(pb.GetRequest(keys=[k]), timeout=10))
+    header = frames[0].header
+    if not header.found:
+        return None
+    return header.data + b"".join(f.data for f in frames[1:])
+
+
+def used(address: str) -> int:
+    with AdminClient(address) as admin:
+        return next(t.used_bytes for t in admin.stats().tiers if t.name == "cpu")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    with DaemonProcess(tmp_path_factory.mktemp("dw"), cpu_only("64MiB", max_chunk_bytes=8 * MiB)) as d:
+        yield d
+
+
+@pytest.fixture
+def writer(daemon: DaemonProcess) -> Iterator[Writer]:
+    w = Writer(daemon.address)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_a_written_block_becomes_the_keys_chunk(daemon: DaemonProcess, writer: Writer) -> None:
+    assert writer.flags & WRITABLE
+    data = blob(1, 300_000)
+    off = writer.reserve(len(data))
+    writer.write(off, data)
+    k = key(1, model="dw")
+    reply = writer.ok(items=[item(k, data, off)], reserve=len(data))
+    assert [r.tier for r in reply.results] == ["cpu"]
+    assert reply.HasField("reserved") and reply.reserved != off  # the next block
+    assert get(daemon.address, k) == data
+    # The next put into the block reserved with it replaces the value.
+    new = blob(2, 300_000)
+    writer.write(reply.reserved, new)
+    writer.ok(items=[item(k, new, reply.reserved)])
+    assert get(daemon.address, k) == new
+
+
+def test_requests_naming_blocks_not_held_store_nothing(daemon: DaemonProcess, writer: Writer) -> None:
+    data = blob(3, 4096)
+    off = writer.reserve(len(data))
+    writer.write(off, data)
+    k = key(3, model="dw")
+    for bad, status, words in [
+        (dict(items=[item(k, data, off + 8192)]), "INVALID_ARGUMENT", "holds no block"),
+        (dict(items=[item(k, data[:100], off)]), "INVALID_ARGUMENT", "differs from the block"),
+        (dict(items=[item(k, data, off), item(key(4, model="dw"), data, off)]), "INVALID_ARGUMENT", "holds no block"),
+        (dict(items=[item(k, data, off)], release=[off]), "INVALID_ARGUMENT", "holds no block"),
+        (dict(items=[item("not a key", data, off)]), "INVALID_ARGUMENT", "key"),
+        (dict(items=[item(k, data, off, dtype="complex7")]), "INVALID_ARGUMENT", "dtype"),
+        (dict(reserve=8 * MiB + 1), "RESOURCE_EXHAUSTED", "max_chunk_bytes"),
+    ]:
+        assert error_of(writer.request(**bad))[0] == status, bad
+        assert words in error_of(writer.request(**bad))[1], bad
+        assert get(daemon.address, k) is None
+    # The block is still this connection's: the good request goes through.
+    writer.ok(items=[item(k, data, off)])
+    assert get(daemon.address, k) == data
+    # ... and is the chunk's now: a second put into it is refused.
+    assert "holds no block" in error_of(writer.request(items=[item(key(5, model="dw"), data, off)]))[1]
+
+
+def test_undecodable_requests_get_an_error_and_the_daemon_serves_on(daemon: DaemonProcess, writer: Writer) -> None:
+    status, message = error_of(call(writer.sock, KIND_WRITE, b"\xff\xff\xff"))
+    assert status == "INVALID_ARGUMENT" and "ArenaPutRequest" in message
+    assert writer.reserve(100) >= 0
+
+
+def test_reservations_are_bounded_and_given_back(daemon: DaemonProcess) -> None:
+    before = used(daemon.address)
+    w = Writer(daemon.address)
+    try:
+        blocks = [w.reserve(MiB) for _ in range(MAX_HELD)]
+        assert used(daemon.address) == before + MAX_HELD * MiB  # reserved blocks count as used
+        status, message = error_of(w.request(reserve=MiB))
+        assert status == "RESOURCE_EXHAUSTED" and f"already holds {MAX_HELD} blocks" in message
+        # Releasing one makes room for one; unknown offsets in release are ignored.
+        w.ok(release=[blocks[0], 12345], reserve=MiB)
+        assert used(daemon.address) == before + MAX_HELD * MiB
+        w.ok(release=blocks[1:2])
+        assert used(daemon.address) == before + (MAX_HELD - 1) * MiB
+    finally:
+        w.close()
+    # The connection ended: the daemon takes back what it still held (when it sees the end).
+    deadline = time.monotonic() + 10
+    while used(daemon.address) != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert used(daemon.address) == before
+
+
+def test_reserving_in_a_full_tier_evicts_as_a_put_would(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, cpu_only("8MiB")) as d:
+        w = Writer(d.address)
+        try:
+            keys = [key(i, model="full") for i in range(3)]
+            for k in keys:  # 3 x 2 MiB, then a 2 MiB reservation: all 8 MiB
+                data = blob(hash(k) % 1000, 2 * MiB)
+                off = w.reserve(len(data))
+                w.write(off, data)
+                w.ok(items=[item(k, data, off)])
+            w.reserve(2 * MiB)
+            assert all(get(d.address, k) is not None for k in keys)
+            w.reserve(2 * MiB)  # the oldest chunk makes room
+            assert [get(d.address, k) is not None for k in keys] == [False, True, True]
+            status, message = error_of(w.request(reserve=9 * MiB))
+            assert status == "RESOURCE_EXHAUSTED" and "larger than tier" in message
+        finally:
+            w.close()
+
+
+def test_durable_direct_writes_reach_the_disk_tier(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path / "d", cpu_and_disk(tmp_path / "disk", cpu="16MiB", disk="64MiB")) as d:
+        w = Writer(d.address)
+        try:
+            data = blob(9, MiB + 3)
+            off = w.reserve(len(data))
+            w.write(off, data)
+            k = key(9, model="durable")
+            w.ok(items=[item(k, data, off)], durable=True)  # answered once the disk tier has it
+            with AdminClient(d.address) as admin:
+                tiers = {info.key: list(info.tiers) for info in admin.iter_chunks()}
+            assert tiers == {k: ["cpu", "disk"]}
+            assert get(d.address, k) == data
+        finally:
+            w.close()
+
+
+@pytest.mark.parametrize("how", ["config", "tokens"])
+def test_direct_writes_are_offered_only_when_allowed(tmp_path: Path, how: str) -> None:
+    if how == "config":
+        cfg = cpu_only("16MiB", shm_direct_writes=False)
+        with DaemonProcess(tmp_path, cfg) as d:
+            w = Writer(d.address)
+            try:
+                assert not w.flags & WRITABLE
+                with pytest.raises(OSError):  # the descriptor is read-only
+                    mmap.mmap(w.arena_fd, w.arena_bytes)
+                status, message = error_of(w.request(reserve=100))
+                assert status == "FAILED_PRECONDITION" and "shm_direct_writes" in message
+                assert not is_closed_now(w.sock)
+            finally:
+                w.close()
+    else:
+        # With a token file there is no arena to map (tests/server/test_shm_channel.py),
+        # and a W request is refused like any other.
+        from tests.server.test_shm_channel import A_RW
+
+        tokens = tmp_path / "tokens.yaml"
+        tokens.write_text(f"tokens:\n  - {{token: {A_RW}, tenant: a, role: readwrite}}\n")
+        with DaemonProcess(tmp_path / "d", cpu_only("16MiB", token_file=str(tokens))) as d:
+            reg = Registered(d.address, A_RW)
+            try:
+                with reg.connect() as sock:
+                    body = pb.ArenaPutRequest(reserve=100).SerializeToString()
+                    status, message = error_of(call(sock, KIND_WRITE, body))
+                    assert status == "FAILED_PRECONDITION" and "token file" in message
+            finally:
+                reg.close()
+
+
+def is_closed_now(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return is_closed(sock)
+    except BlockingIOError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
+def test_the_block_reserved_with_a_put_never_evicts_what_it_stored(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, cpu_only("8MiB")) as d:
+        w = Writer(d.address)
+        try:
+            k = key(1, model="ahead")
+            data = blob(1, 5 * MiB)  # more than half the tier
+            off = w.reserve(len(data))
+            w.write(off, data)
+            reply = w.ok(items=[item(k, data, off)], reserve=len(data))
+            assert not reply.HasField("reserved")  # only evicting k would make room
+            assert get(d.address, k) == data
+            w.reserve(len(data))  # asked alone, it evicts as the next put would
+            assert get(d.address, k) is None
+        finally:
+            w.close()
