@@ -225,7 +225,10 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
                 get_s.append(t2 - t1)
         c.delete(keys)
         if shm:
-            note = f"{c.direct_reads} of {warmup + iters} gets read from the daemon's shared arena"
+            note = (
+                f"{c.direct_writes} of {warmup + iters} puts written into the daemon's shared arena, "
+                f"{c.direct_reads} gets read from it"
+            )
         else:
             where = "the daemon's Get listener" if c.http2_get_port != int(address.rsplit(":", 1)[1]) else "its gRPC port"
             note = f"{c.http2_gets} of {warmup + iters} gets over HTTP/2, now to {where}"

@@ -132,11 +132,11 @@ class Copier:
         return asyncio.wrap_future(self._pool.submit(self._copy_and_sum, dst, src), loop=loop)
 
     def _copy_and_sum(self, dst: memoryview, src: Buffer) -> int:
-        # xxh3 streamed part by part equals xxh3 of the whole: the first part is
-        # summed while the pool still copies the rest, from this core's cache.
-        summed = checksummer()
-        self.copy_now(dst, src, each=lambda part: summed.update(_view(part)))
-        return summed.intdigest()
+        if not _on_host(src):
+            summed = checksummer()
+            self.copy_now(dst, src, each=lambda part: summed.update(_view(part)))
+            return summed.intdigest()
+        return copy_summed(_tensor(dst), _tensor(src).reshape(-1).view(torch.uint8), self._pool if self._splits(dst, src) else None)
 
     async def copy(self, dst: Buffer, src: Buffer) -> None:
         """Copy ``src`` into ``dst``; if cancelled, the copy is still finished in the background."""
@@ -176,9 +176,11 @@ def copy_summed(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor |
             ctypes.memmove(d + at, s + at, k)
             summed.update(out[at : at + k])
     finally:
-        if helper is not None:
+        if helper is not None and not helper.cancel():  # not started (a busy pool): copied below
             helper.result()  # never leave a thread writing into dst
     if half < n:
+        if helper is not None and helper.cancelled():
+            ctypes.memmove(d + half, s + half, n - half)
         summed.update(out[half:])
     return summed.intdigest()
 
