@@ -207,8 +207,10 @@ class BlockingControlChannel:
     from the daemon's shared arena (:meth:`read_shared`).  Thread-safe: a
     caller that finds it busy uses the asynchronous path instead."""
 
-    def __init__(self, path: str, segment_id: int, nonce: bytes, timeout_s: float) -> None:
+    def __init__(self, path: str, segment_id: int, nonce: bytes, timeout_s: float, *, writes: bool = False) -> None:
         self.segment_id = segment_id
+        #: Ask for the arena writable at attach (direct writes).
+        self._want_writes = writes
         self._lock = threading.Lock()
         self.broken = False
         #: The daemon's shared arena, once :meth:`attach` mapped it.
@@ -266,7 +268,7 @@ class BlockingControlChannel:
                 return self.arena
             self.attempted_attach = True
             try:
-                self._sock.sendall(encode(KIND_ATTACH, b""))
+                self._sock.sendall(encode(KIND_ATTACH, b"\x01" if self._want_writes else b""))
                 head, fds, _flags, _addr = socket.recv_fds(self._sock, HEADER.size + DESCRIPTION.size, 2)
                 if len(head) < HEADER.size:
                     head += self._recv(HEADER.size - len(head))

@@ -270,7 +270,9 @@ class Client:
                 if ch is not None:
                     ch.close()
                 try:
-                    ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, self._aio.timeout_s)
+                    ch = BlockingControlChannel(
+                        seg.control_socket, seg.segment_id, seg.nonce, self._aio.timeout_s, writes=self._direct_writes
+                    )
                 except (OSError, KVStoreError):
                     self._blocking, self._blocking_refused = None, seg.segment_id
                     return None

@@ -87,12 +87,16 @@ class DirectWrites:
     def offered(self) -> bool:
         return self._why_not() is None
 
-    async def put(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> pb.ArenaPutReply:
-        """Give back ``request.release``, store ``request.items`` (blocks in ``held``),
-        then reserve ``request.reserve`` bytes; ``held`` follows."""
+    def refuse(self) -> None:
+        """Raise FailedPrecondition saying why direct writes are not offered (if they are not)."""
         why = self._why_not()
         if why is not None:
             raise FailedPrecondition(f"direct writes are off: {why}")
+
+    async def put(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> pb.ArenaPutReply:
+        """Give back ``request.release``, store ``request.items`` (blocks in ``held``),
+        then reserve ``request.reserve`` bytes; ``held`` follows."""
+        self.refuse()
         items = self._check(request, principal, held)
         for off in request.release:
             if held.pop(off, None) is not None:

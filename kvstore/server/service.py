@@ -375,9 +375,10 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             )
         return self._shm_channel
 
-    def shared_arena(self, principal: Principal) -> tuple[bytes, tuple[int, int]]:
+    def shared_arena(self, principal: Principal, writable: bool = False) -> tuple[bytes, tuple[int, int]]:
         """What a local client needs to read chunks from the CPU tier's memory
-        itself (kvstore/tiers/shared_arena.py), or FailedPrecondition saying why not."""
+        itself (kvstore/tiers/shared_arena.py), or FailedPrecondition saying why not;
+        ``writable``: it asks to write into it too (direct writes), granted when offered."""
         from kvstore.server.shm import FailedPrecondition
 
         if self._tokens is not None:
@@ -389,7 +390,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         tier = self._store.shared_tier()
         if tier is None or tier.shared is None:
             raise FailedPrecondition("no tier shares its memory (that takes an unpinned cpu tier on x86-64)")
-        writable = self.direct_writes.offered()
+        writable = writable and self.direct_writes.offered()
         return tier.shared.describe(writable=writable), tier.shared.client_fds(writable=writable)
 
     def _why_no_direct_writes(self) -> str | None:

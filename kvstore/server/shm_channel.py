@@ -19,13 +19,14 @@ where ``length`` counts kind + body.
   closes.  Replies ``O`` (empty body) or ``E``.
 * ``P`` body ``ShmPutRequest`` -> ``O`` body ``PutReply``.
 * ``G`` body ``ShmGetRequest`` -> ``O`` body ``ShmGetReply``.
-* ``A`` attach, empty body -> ``O`` body ``u64 arena bytes | u64 index
+* ``A`` attach, body empty or ``u8 wanted`` -> ``O`` body ``u64 arena bytes | u64 index
   bytes | u64 flags`` with two file descriptors (arena, index) passed along
   (SCM_RIGHTS), or ``E`` FAILED_PRECONDITION when the daemon does not share
   its CPU tier's memory (a token file is configured, ``server.shm_direct_reads``
   is off, no tier can): the client then reads chunks straight from the
-  tier's memory (kvstore/tiers/shared_arena.py).  Flag bit 0: the arena's
-  descriptor is writable, and the connection may send ``W``; otherwise both
+  tier's memory (kvstore/tiers/shared_arena.py).  ``wanted`` bit 0 asks for
+  the arena writable (direct writes); flag bit 0 says it is (asked for and
+  offered), and the connection may send ``W``; otherwise both descriptors
   are read-only.
 * ``W`` body ``ArenaPutRequest`` -> ``O`` body ``ArenaPutReply``: direct
   writes (kvstore/server/direct_writes.py).  Blocks the connection reserved
@@ -62,6 +63,7 @@ from google.protobuf.message import DecodeError
 from kvstore.errors import Closed, InvalidArgument, KVStoreError
 from kvstore.server.auth import Principal
 from kvstore.server.direct_writes import DirectWrites, Held
+from kvstore.tiers.shared_arena import DESCRIPTION, WRITABLE
 from kvstore.server.shm import NONCE_BYTES, FailedPrecondition, Segment
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -88,8 +90,9 @@ Authenticate = Callable[[int, bytes], Segment]
 #: (method, seconds, status code name): the daemon's RPC metrics, so that a request
 #: served here counts as the ShmPut/ShmGet it is.
 Observe = Callable[[str, float, str], None]
-#: The shared arena's description and read-only descriptors (arena, index), for a principal.
-Attach = Callable[[Principal], tuple[bytes, tuple[int, int]]]
+#: The shared arena's description and descriptors (arena, index), for a principal that
+#: wants the arena writable or not: read-only unless that is granted.
+Attach = Callable[[Principal, bool], tuple[bytes, tuple[int, int]]]
 #: (key text, seconds) of reads a client made from the shared arena.
 Touched = Callable[[list[tuple[str, float]], Principal], None]
 
@@ -182,6 +185,7 @@ class ShmChannel:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
         held: Held = {}  # blocks this connection reserved for direct writes
+        writable = False  # whether its attach got the arena writable (W needs that)
         try:
             principal: Principal | None = None
             while True:
@@ -202,7 +206,7 @@ class ShmChannel:
                         return  # malformed: there is no reply to carry an error
                     continue
                 if principal is not None and kind == KIND_ATTACH:
-                    await self._send_arena(writer, principal)
+                    writable = await self._send_arena(writer, principal, writable=body[:1] == b"\x01")
                     continue
                 self._busy += 1
                 self._idle.clear()
@@ -211,7 +215,7 @@ class ShmChannel:
                         principal = self._hello(kind, body)
                         reply = b""
                     else:
-                        reply = await self._request(kind, body, principal, held)
+                        reply = await self._request(kind, body, principal, held if writable else None)
                     writer.write(encode(KIND_OK, reply))
                 except KVStoreError as exc:
                     writer.write(encode_error(exc))
@@ -253,16 +257,17 @@ class ShmChannel:
             self._touched(reads, principal)
         return True
 
-    async def _send_arena(self, writer: asyncio.StreamWriter, principal: Principal) -> None:
-        """Reply to an attach: the description, with the descriptors passed alongside."""
+    async def _send_arena(self, writer: asyncio.StreamWriter, principal: Principal, *, writable: bool) -> bool:
+        """Reply to an attach: the description, with the descriptors passed alongside;
+        whether the arena was passed writable."""
         if self._attach is None:
             writer.write(encode_error(FailedPrecondition("this daemon does not share its memory")))
-            return
+            return False
         try:
-            description, fds = self._attach(principal)
+            description, fds = self._attach(principal, writable)
         except KVStoreError as exc:
             writer.write(encode_error(exc))
-            return
+            return False
         try:
             await writer.drain()  # nothing of ours may be queued ahead of the reply
             raw = writer.get_extra_info("socket")
@@ -271,6 +276,7 @@ class ShmChannel:
         finally:
             for fd in fds:
                 os.close(fd)
+        return bool(DESCRIPTION.unpack(description)[2] & WRITABLE)
 
     def _hello(self, kind: int, body: bytes) -> Principal:
         if kind != KIND_HELLO:
@@ -280,7 +286,7 @@ class ShmChannel:
         seg_id, nonce = HELLO.unpack(body)
         return self._authenticate(seg_id, nonce).principal
 
-    async def _request(self, kind: int, body: bytes, principal: Principal, held: Held) -> bytes:
+    async def _request(self, kind: int, body: bytes, principal: Principal, held: Held | None) -> bytes:
         method = _METHODS.get(kind)
         if self._observe is None or method is None:
             return await self._serve_request(kind, body, principal, held)
@@ -296,10 +302,15 @@ class ShmChannel:
         finally:
             self._observe(method, time.perf_counter() - t0, code)
 
-    async def _serve_request(self, kind: int, body: bytes, principal: Principal, held: Held) -> bytes:
+    async def _serve_request(self, kind: int, body: bytes, principal: Principal, held: Held | None) -> bytes:
+        """``held``: the connection's reserved blocks; None until an attach got the arena writable."""
         if kind == KIND_WRITE:
             if self._writes is None:
                 raise FailedPrecondition("this daemon takes no direct writes")
+            if held is None:
+                if not self._writes.offered():
+                    self._writes.refuse()
+                raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
             wrote = await self._writes.put(_parse(pb.ArenaPutRequest, body), principal, held)
             return wrote.SerializeToString()
         if kind == KIND_PUT:

@@ -33,10 +33,10 @@ pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offer
 class Writer:
     """A registered segment's control connection with the arena attached (writable)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, ask: bool = True) -> None:
         self.reg = Registered(address, "")
         self.sock = self.reg.connect()
-        self.sock.sendall(HEADER.pack(1, KIND_ATTACH))
+        self.sock.sendall(HEADER.pack(2, KIND_ATTACH) + b"\x01" if ask else HEADER.pack(1, KIND_ATTACH))
         msg, fds, _flags, _addr = socket.recv_fds(self.sock, HEADER.size + DESCRIPTION.size, 2)
         assert HEADER.unpack_from(msg)[1] == KIND_OK and len(fds) == 2
         self.arena_bytes, _index_bytes, self.flags = DESCRIPTION.unpack(msg[HEADER.size :])
@@ -212,18 +212,19 @@ def test_durable_direct_writes_reach_the_disk_tier(tmp_path: Path) -> None:
             w.close()
 
 
-@pytest.mark.parametrize("how", ["config", "tokens"])
+@pytest.mark.parametrize("how", ["config", "not asked", "tokens"])
 def test_direct_writes_are_offered_only_when_allowed(tmp_path: Path, how: str) -> None:
-    if how == "config":
-        cfg = cpu_only("16MiB", shm_direct_writes=False)
+    if how != "tokens":
+        cfg = cpu_only("16MiB", shm_direct_writes=how != "config")
         with DaemonProcess(tmp_path, cfg) as d:
-            w = Writer(d.address)
+            w = Writer(d.address, ask=how != "not asked")
             try:
                 assert not w.flags & WRITABLE
                 with pytest.raises(OSError):  # the descriptor is read-only
                     mmap.mmap(w.arena_fd, w.arena_bytes)
                 status, message = error_of(w.request(reserve=100))
-                assert status == "FAILED_PRECONDITION" and "shm_direct_writes" in message
+                why = "shm_direct_writes" if how == "config" else "attach asking for the arena writable"
+                assert status == "FAILED_PRECONDITION" and why in message
                 assert not is_closed_now(w.sock)
             finally:
                 w.close()
