@@ -218,13 +218,7 @@ class MemoryTier(Tier):
             raise InvalidArgument(f"tier {self.name!r} does not share its arena")
         if nbytes <= 0:
             raise InvalidArgument(f"a reserved block must have at least one byte, got {nbytes}")
-        off = self._alloc.alloc(nbytes)
-        if off is None:
-            raise CapacityError(
-                f"tier {self.name!r} has no free block of {nbytes} bytes "
-                f"(used {self._alloc.used} of {self._alloc.capacity})"
-            )
-        return off
+        return self._alloc_block(nbytes)
 
     def release_block(self, offset: int) -> None:
         """Give back a block from :meth:`reserve_block` that holds no chunk."""
@@ -236,25 +230,23 @@ class MemoryTier(Tier):
         self._require_open()
         self._publish(key, offset, meta)
 
-    def block(self, offset: int, nbytes: int) -> memoryview:
-        """The bytes of a reserved block (to verify what a client wrote)."""
-        if self._bytes is None:
-            raise InvalidArgument(f"tier {self.name!r} is not in host memory")
-        return self._bytes[offset : offset + nbytes]
-
     def _reserve(self, chunk: Chunk) -> tuple[int, torch.Tensor | memoryview]:
         """A block for ``chunk``'s payload: its offset and where to copy it."""
         arena = self._require_open()
         n = chunk.meta.nbytes
         if chunk.payload.nbytes != n:
             raise InvalidArgument(f"payload is {chunk.payload.nbytes} bytes, metadata says {n}")
+        off = self._alloc_block(n)
+        return off, arena[off : off + n] if self._bytes is None else self._bytes[off : off + n]
+
+    def _alloc_block(self, n: int) -> int:
         off = self._alloc.alloc(n)
         if off is None:
             raise CapacityError(
                 f"tier {self.name!r} has no free block of {n} bytes "
                 f"(used {self._alloc.used} of {self._alloc.capacity})"
             )
-        return off, arena[off : off + n] if self._bytes is None else self._bytes[off : off + n]
+        return off
 
     async def _copy_in(self, off: int, start: Callable[[], asyncio.Future[T]]) -> T:
         """Run the copy ``start()`` begins into the block at ``off``; on failure or

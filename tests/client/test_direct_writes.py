@@ -13,7 +13,6 @@ error, not a hang.
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from kvstore.tiers.shared_arena import SUPPORTED
 from tests.client.test_direct_reads import DTYPES, values
 from tests.server import MiB, key
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
+from tests.support.threads import run_workers
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 
@@ -129,21 +129,12 @@ def test_threads_sharing_a_client_all_store_their_values(server: DaemonProcess) 
     another path; every value is stored whole."""
     with kvstore.Client(server.address) as c:
         c.put(key(0, model="threads"), b"warm")
-        errors: list[BaseException] = []
 
         def work(t: int) -> None:
-            try:
-                for i in range(20):
-                    c.put(key(100 * t + i, model="threads"), bytes([t * 20 + i]) * (256 * 1024 + t))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for i in range(20):
+                c.put(key(100 * t + i, model="threads"), bytes([t * 20 + i]) * (256 * 1024 + t))
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        assert not errors
+        run_workers(work, 4)
         for t in range(4):
             for i in range(20):
                 assert c.get_bytes(key(100 * t + i, model="threads")) == bytes([t * 20 + i]) * (256 * 1024 + t)
