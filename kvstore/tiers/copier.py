@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -156,44 +158,63 @@ def copy_summed(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor |
     checksum reads each piece from the cache instead of memory: about the time
     of the copy alone here (16 MiB: 1.3-1.4 ms against 1.5 for a copy and then
     a checksum).  From :data:`SPLIT_SUMMED` bytes, with a ``pool``, one of its
-    threads copies the last :data:`HELPER_SHARE` meanwhile and the checksum
-    reads that part after (the calling thread has the checksum to do besides
-    its copy, hence the larger share for the helper: 16 MiB in 1.37 ms against
-    1.53 for halves, ``benchmarks/bench_direct_writes.py``' puts likewise).  A
-    helper that has not started when the calling thread is done (a busy pool)
-    is taken back.  Both copies are ``memmove`` without the GIL, as is xxh3.
+    threads copies the last :data:`HELPER_SHARE` meanwhile, :data:`HELPER_PIECE`
+    at a time, and the calling thread, done with its own part, checksums those
+    pieces as they are copied (in order: xxh3 is sequential) and copies any the
+    helper has not claimed yet (all of them when a busy pool never starts it).
+    The copies are ``memmove`` without the GIL, as is xxh3.
     """
     n = dst.numel()
     if src.numel() != n:
         raise ValueError(f"copy of {src.numel()} bytes into {n}")
     d, s = dst.data_ptr(), src.data_ptr()
-    half = n
-    helper = None
-    if pool is not None and n >= SPLIT_SUMMED:
-        half = -(-int(n * (1 - HELPER_SHARE)) // PART_ALIGN) * PART_ALIGN
-        helper = pool.submit(ctypes.memmove, d + half, s + half, n - half)
     out = _view(dst)
     summed = checksummer()
+    own = n
+    if pool is not None and n >= SPLIT_SUMMED:
+        own = -(-int(n * (1 - HELPER_SHARE)) // PART_ALIGN) * PART_ALIGN
+    pieces = [(at, min(HELPER_PIECE, n - at)) for at in range(own, n, HELPER_PIECE)]
+    claims = itertools.count()  # next() is atomic: each piece is copied once
+    copied = [False] * len(pieces)
+    ready: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def copy_claimed() -> None:
+        while (i := next(claims)) < len(pieces):
+            at, k = pieces[i]
+            ctypes.memmove(d + at, s + at, k)
+            copied[i] = True
+            ready.put(i)
+
+    helper = pool.submit(copy_claimed) if pieces and pool is not None else None
     try:
-        for at in range(0, half, SUM_PIECE):
-            k = min(SUM_PIECE, half - at)
+        for at in range(0, own, SUM_PIECE):
+            k = min(SUM_PIECE, own - at)
             ctypes.memmove(d + at, s + at, k)
             summed.update(out[at : at + k])
+        j = 0
+        while j < len(pieces):
+            if copied[j]:
+                at, k = pieces[j]
+                summed.update(out[at : at + k])
+                j += 1
+            elif (i := next(claims)) < len(pieces):
+                at, k = pieces[i]
+                ctypes.memmove(d + at, s + at, k)
+                copied[i] = True
+            else:
+                ready.get()  # the helper is copying piece j: wait for it (or another)
     finally:
-        if helper is not None and not helper.cancel():  # not started (a busy pool): copied below
+        if helper is not None and not helper.cancel():
             helper.result()  # never leave a thread writing into dst
-    if half < n:
-        if helper is not None and helper.cancelled():
-            ctypes.memmove(d + half, s + half, n - half)
-        summed.update(out[half:])
     return summed.intdigest()
 
 
 #: :func:`copy_summed` splits copies of at least this many bytes (below, waking the
 #: helper costs what it saves) ...
 SPLIT_SUMMED = 4 << 20
-#: ... and gives the helper this share.
+#: ... and gives the helper this share, in pieces of this size.
 HELPER_SHARE = 0.6
+HELPER_PIECE = 1 << 20
 
 
 def _size(b: Buffer) -> int:
