@@ -43,7 +43,6 @@ class ArenaWrites:
         self._block: tuple[int, int] | None = None
         #: A block a failed put may or may not have consumed: given back with the next request.
         self._doubtful: list[int] = []
-        self._pool: ThreadPoolExecutor | None = None
         #: Puts written into the arena.
         self.count = 0
 
@@ -99,11 +98,7 @@ class ArenaWrites:
         return out
 
     def _helper(self, n: int) -> ThreadPoolExecutor | None:
-        if n < SPLIT_SUMMED:
-            return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-arena-write")
-        return self._pool
+        return self._arena.helper() if n >= SPLIT_SUMMED else None
 
     def give_back(self, call: Call) -> None:
         """Give back the block held (the daemon would take it back when the
@@ -112,9 +107,3 @@ class ArenaWrites:
         self._block = None
         if release:
             call(pb.ArenaPutRequest(release=release))
-
-    def close(self) -> None:
-        """Stop the helper thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None

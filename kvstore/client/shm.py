@@ -395,14 +395,13 @@ class BlockingControlChannel:
             self.try_tell(untold)
         if self._writes is not None and not self.broken and self._lock.acquire(blocking=False):
             try:
+                # Best effort: the daemon takes back what a connection holds when it closes.
                 with contextlib.suppress(OSError, KVStoreError):
                     self._writes.give_back(self._arena_call)
             finally:
                 self._lock.release()
         self.broken = True
         self._sock.close()
-        if self._writes is not None:
-            self._writes.close()
         if self.arena is not None:
             self.arena.close()
 

@@ -308,8 +308,7 @@ class ShmChannel:
             if self._writes is None:
                 raise FailedPrecondition("this daemon takes no direct writes")
             if held is None:
-                if not self._writes.offered():
-                    self._writes.refuse()
+                self._writes.refuse()  # says why, when they are not offered at all
                 raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
             wrote = await self._writes.put(_parse(pb.ArenaPutRequest, body), principal, held)
             return wrote.SerializeToString()

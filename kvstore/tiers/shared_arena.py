@@ -403,10 +403,16 @@ class ArenaReader:
             return None
         return meta, dst
 
+    def helper(self) -> ThreadPoolExecutor:
+        """The one helper thread this client's large copies from and into the arena
+        are split with (reads here, direct writes in kvstore/client/arena_writes.py)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-arena-copy")
+        return self._pool
+
     def _split_copier(self) -> Copier:
         if self._copier is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-arena-copy")
-            self._copier = Copier(self._pool, 2, split_min=SPLIT_MIN)
+            self._copier = Copier(self.helper(), 2, split_min=SPLIT_MIN)
         return self._copier
 
     def close(self) -> None:

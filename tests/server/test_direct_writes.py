@@ -137,8 +137,9 @@ def test_requests_naming_blocks_not_held_store_nothing(daemon: DaemonProcess, wr
         (dict(items=[item(k, data, off, dtype="complex7")]), "INVALID_ARGUMENT", "dtype"),
         (dict(reserve=8 * MiB + 1), "RESOURCE_EXHAUSTED", "max_chunk_bytes"),
     ]:
-        assert error_of(writer.request(**bad))[0] == status, bad
-        assert words in error_of(writer.request(**bad))[1], bad
+        got_status, message = error_of(writer.request(**bad))
+        assert got_status == status, bad
+        assert words in message, bad
         assert get(daemon.address, k) is None
     # The block is still this connection's: the good request goes through.
     writer.ok(items=[item(k, data, off)])
