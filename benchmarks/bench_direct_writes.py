@@ -10,11 +10,13 @@ a ``ShmPut`` on the control channel; the daemon copies and checksums).  Two
 sources per size: a tensor already in the client's segment
 (``Client.buffer``: what ``kvstore bench`` puts), and a plain tensor (what an
 engine puts: the segment path then copies it into the segment first, one
-copy more).  Rounds alternate the two clients (so machine load hits them
-alike), each put a new value of one of 8 keys, read back and checked byte
-for byte after timing.  Reference in the same run: torch ``copy_`` between
-distinct buffers over 256 MiB.  Prints median put latency, GB/s and the
-ratio to the copy.
+copy more), and batches of 8 plain tensors (``put_many``, what the vLLM
+connector puts: one request per group of chunks; the time shown is the
+call's over 8).  Rounds alternate the two clients (so machine load hits
+them alike), each put a new value of one of 8 keys, read back and checked
+byte for byte after timing.  Reference in the same run: torch ``copy_``
+between distinct buffers over 256 MiB.  Prints median put latency per
+value, GB/s and the ratio to the copy.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 
 MiB = 1 << 20
+BATCH = 8
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(1)  # like the clients of kvstore bench
     kb = KeyBuilder(Namespace("bench", "writes"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     sizes = [int(float(s) * MiB) for s in a.sizes.split(",")]
-    seg = 3 * max(sizes) + (8 << 20)
+    seg = (BATCH + 2) * max(sizes) + (8 << 20)  # a batch fits in the segment
     print(f"{'size':>6} {'source':<8} {'path':<30} {'put p50 ms':>10} {'GB/s':>7} {'vs copy':>8}")
     with spawn_daemon("2GiB") as addr:
         with Client(addr, shm_bytes=seg) as direct, Client(addr, shm_bytes=seg, direct_writes=False) as asking:
@@ -52,7 +55,7 @@ def main() -> None:
                 copy_s = (ref.get_p50_ms or 0.0) / 1e3
                 print(f"{size // MiB:>4}Mi {'':<8} {'memcpy-distinct (reference)':<30} {copy_s * 1e3:>10.3f} "
                       f"{size / copy_s / 1e9:>7.2f} {'100%':>8}")
-                for source in ("segment", "tensor"):
+                for source in ("segment", "tensor", "x8"):
                     times = _measure(paths, kb, size, source, a.rounds)
                     for name, ts in times.items():
                         p50 = statistics.median(ts)
@@ -62,30 +65,36 @@ def main() -> None:
 
 
 def _measure(paths: dict[str, Client], kb: KeyBuilder, size: int, source: str, rounds: int) -> dict[str, list[float]]:
-    keys = [kb.segment_key([size, i]) for i in range(8)]
-    srcs = {}
+    keys = [kb.segment_key([size, i]) for i in range(BATCH)]
+    srcs: dict[Client, list[torch.Tensor]] = {}
     for c in paths.values():
-        t = c.buffer(size) if source == "segment" else torch.empty(size, dtype=torch.uint8)
-        if t is None:
+        n = BATCH if source == "x8" else 1
+        made = [c.buffer(size) if source == "segment" else torch.empty(size, dtype=torch.uint8) for _ in range(n)]
+        if any(t is None for t in made):
             raise SystemExit("shared memory is unavailable here")
-        srcs[c] = t.random_(0, 255)
+        srcs[c] = [t.random_(0, 255) for t in made if t is not None]
     check = torch.empty(size, dtype=torch.uint8)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(rounds + 2):  # two untimed rounds first
         for name, c in list(paths.items())[:: 1 if r % 2 else -1]:
-            src = srcs[c]
-            src[:8].view(torch.int64)[0] = r  # a new value each put
-            k = keys[r % 8]
+            items = [(keys[(r + i) % BATCH], src) for i, src in enumerate(srcs[c])]
+            for _, src in items:
+                src[:8].view(torch.int64)[0] = r  # a new value each put
             t0 = time.perf_counter()
-            c.put(k, src)
-            elapsed = time.perf_counter() - t0
+            if len(items) == 1:
+                c.put(*items[0])
+            else:
+                c.put_many(items)
+            elapsed = (time.perf_counter() - t0) / len(items)
             if r >= 2:
                 times[name].append(elapsed)
-            if c.get_into(k, check) is None or not torch.equal(check, src):
-                raise SystemExit(f"{name}: wrong bytes for a {size}-byte value")
-    for c, t in srcs.items():
-        if source == "segment":
-            c.free_buffer(t)
+            for k, src in items:
+                if c.get_into(k, check) is None or not torch.equal(check, src):
+                    raise SystemExit(f"{name}: wrong bytes for a {size}-byte value")
+    if source == "segment":
+        for c, bufs in srcs.items():
+            for t in bufs:
+                c.free_buffer(t)
     return times
 
 

@@ -15,6 +15,10 @@ For each value size it times, in one run on one machine:
 * ``kvstore-shm``: the daemon through the shared-memory path (values placed
   in, and read into, buffers of the client's segment; gets read straight
   from the daemon's shared CPU arena, see kvstore/tiers/shared_arena.py);
+* ``kvstore-shm-x8``: puts of :data:`BATCH` plain tensors at a time
+  (``put_many``, what the vLLM connector does), written into the daemon's
+  shared CPU arena in one request per group (kvstore/client/arena_writes.py);
+  put only, latencies per call;
 * the peers a user would pick instead (Redis through redis-py, LMCache's two
   servers through LMCache's own clients), when installed.
 
@@ -44,6 +48,8 @@ from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 MiB = 1 << 20
 #: Working set of the ``memcpy-distinct`` reference, per side (sources, destinations).
 DISTINCT_BYTES = 256 * MiB
+#: Values per ``put_many`` of ``kvstore-shm-x8``.
+BATCH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +242,42 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
     return dataclasses.replace(r, note=note)
 
 
+def bench_kvstore_batch(address: str, size: int, calls: int, warmup: int) -> Result:
+    """``calls`` puts of :data:`BATCH` plain tensors of ``size`` bytes each (new
+    content every time) with ``put_many``, one torch thread; each value is
+    then read back and compared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kb = KeyBuilder(Namespace("bench", "batch"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
+    keys = [kb.segment_key([size, i]) for i in range(2 * BATCH)]
+    try:
+        with Client(address) as c:
+            values = [torch.empty(size, dtype=torch.uint8).random_(0, 255) for _ in range(2 * BATCH)]
+            stamps = [v[:8].view(torch.int64) for v in values]
+            out = torch.empty(size, dtype=torch.uint8)
+            c.put(keys[0], b"registers the shared-memory segment")
+            put_s: list[float] = []
+            for i in range(warmup + calls):
+                half = (i % 2) * BATCH  # alternate between two sets of sources and keys
+                for stamp in stamps[half : half + BATCH]:
+                    stamp[0] = i
+                items = list(zip(keys[half : half + BATCH], values[half : half + BATCH], strict=True))
+                t0 = time.perf_counter()
+                c.put_many(items)
+                t1 = time.perf_counter()
+                for k, v in items:
+                    if c.get_into(k, out) is None or not torch.equal(out, v):
+                        raise RuntimeError(f"kvstore returned wrong bytes for a {size}-byte value of batch {i}")
+                if i >= warmup:
+                    put_s.append(t1 - t0)
+            c.delete(keys)
+            note = f"put_many of {BATCH} tensors per call (p50/p99 per call); {c.direct_writes} puts written directly"
+    finally:
+        torch.set_num_threads(threads)
+    # Bytes per call: BATCH values; the row is the value size's.
+    return dataclasses.replace(summarize("kvstore-shm-x8", BATCH * size, put_s, []), size_bytes=size, note=note)
+
+
 def run(
     sizes_mib: list[float],
     iters: int,
@@ -250,7 +292,7 @@ def run(
     from tqdm import tqdm
 
     sizes = [int(s * MiB) for s in sizes_mib]
-    steps = len(sizes) * (3 + len(peers))
+    steps = len(sizes) * (4 + len(peers))
     bar = tqdm(total=steps, disable=not progress, desc="kvstore bench", unit="step", file=sys.stderr)
     results: list[Result] = []
     findings: list[dict[str, object]] = []
@@ -263,6 +305,8 @@ def run(
             for shm in (False, True):
                 results.append(bench_kvstore(addr, size, n, warmup, shm=shm))
                 bar.update()
+            results.append(bench_kvstore_batch(addr, size, max(3, n // 4), warmup))
+            bar.update()
     if peers:
         from kvstore.bench import peers as peer_mod
 
@@ -367,6 +411,7 @@ GOALS = (
     ("shm put >= 0.5x memcpy-distinct", "kvstore-shm", "put", "memcpy-distinct", "put", 0.5),
     ("(shm get >= 0.5x memcpy, cache-resident)", "kvstore-shm", "get", "memcpy", "get", 0.5),
     ("(shm put >= 0.5x memcpy, cache-resident)", "kvstore-shm", "put", "memcpy", "put", 0.5),
+    ("(shm put_many of 8 >= 0.5x memcpy-distinct)", "kvstore-shm-x8", "put", "memcpy-distinct", "put", 0.5),
 )
 
 

@@ -1,25 +1,29 @@
 """The client's side of direct writes (kvstore/server/direct_writes.py).
 
 When the daemon maps its CPU tier's arena writable into this client, a put of
-a CPU tensor is: copy it into a block the daemon reserved for this
+CPU tensors is: copy each into a block the daemon reserved for this
 connection, checksumming each piece as it is copied
 (:func:`kvstore.tiers.copier.copy_summed`), then one ``W`` request that hands
-the block over and reserves the next one of the same size.  A put of another
-size first gives back the block held and reserves one of the new size (one
-more round trip).
+the blocks over and reserves the next ones, of the same sizes.  A batch
+(``put_many``) goes in groups of at most :data:`MAX_HELD` chunks and
+:data:`GROUP_BYTES` bytes, one request each.  A group that the blocks held
+do not fit first reserves what it needs (one more round trip), giving back
+the oldest blocks held where they and the group's would be over those
+bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from kvstore.chunk import ChunkMeta
 from kvstore.errors import CapacityError, InvalidArgument
+from kvstore.server.direct_writes import MAX_HELD
 from kvstore.server.messages import meta_to_pb
 from kvstore.tiers.copier import SPLIT_SUMMED, copy_summed
 from kvstore.tiers.shared_arena import ArenaReader
@@ -27,71 +31,124 @@ from kvstore.v1 import kvstore_pb2 as pb
 
 MAX_MICROS = (1 << 32) - 1
 
+#: A group's bytes at most (unless it is one chunk): what a client holds
+#: reserved between puts, and the copies before one request.  Past a few MiB
+#: the round trip is a small share of the copies.
+GROUP_BYTES = 64 << 20
+
 #: Sends an ``ArenaPutRequest`` on the control channel; the reply, or raises the daemon's error.
 Call = Callable[[pb.ArenaPutRequest], pb.ArenaPutReply]
 
+#: A chunk to put: key text, metadata (without a checksum yet), payload (flat uint8 on the CPU).
+Item = tuple[str, ChunkMeta, torch.Tensor]
+
 
 class ArenaWrites:
-    """One control connection's direct writes: the block it holds, and the copy into it.
+    """One control connection's direct writes: the blocks it holds, and the copies into them.
     Not thread-safe: the caller holds the connection's lock."""
 
     def __init__(self, arena: ArenaReader) -> None:
         if not arena.writable:
             raise InvalidArgument("the daemon's arena is mapped read-only here")
         self._arena = arena
-        #: The block reserved for the next put: (offset, bytes).
-        self._block: tuple[int, int] | None = None
-        #: A block a failed put may or may not have consumed: given back with the next request.
+        #: Blocks reserved for the next puts: (offset, bytes).
+        self._blocks: list[tuple[int, int]] = []
+        #: Blocks a failed put may or may not have consumed: given back with the next request.
         self._doubtful: list[int] = []
         #: Puts written into the arena.
         self.count = 0
 
-    def put(self, call: Call, key_text: str, meta: ChunkMeta, payload: torch.Tensor, durable: bool) -> str | None:
-        """Put ``payload`` (flat uint8, on the CPU; ``meta`` without a checksum yet)
-        as ``key_text``; the tier it went to, or None when the daemon could not
-        reserve a block for it (larger than its top tier, which is full of pinned
-        or busy chunks): a put through the daemon then stores it elsewhere or
-        says why not."""
+    def put_many(self, call: Call, items: Sequence[Item], durable: bool) -> list[str | None]:
+        """Put each item (``meta.nbytes`` > 0); for each, the tier it went to, or
+        None when the daemon could not reserve a block for it (larger than its
+        top tier, which is full of pinned or busy chunks): a put through the
+        daemon then stores it elsewhere or says why not."""
+        out: list[str | None] = []
+        for group in _groups(items):
+            out.extend(self._put_group(call, group, durable))
+        return out
+
+    def _put_group(self, call: Call, group: Sequence[Item], durable: bool) -> list[str | None]:
+        sizes = [meta.nbytes for _, meta, _ in group]
+        blocks = self._claim(call, sizes)
+        sent: list[tuple[int, pb.ArenaPutItem]] = []  # (index in group, item)
+        try:
+            for i, ((key_text, meta, payload), off) in enumerate(zip(group, blocks, strict=True)):
+                if off is not None:
+                    sent.append((i, self._write(key_text, meta, payload, off)))
+        except BaseException:
+            self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
+            raise
+        out: list[str | None] = [None] * len(group)
+        if not sent:
+            return out
+        request = pb.ArenaPutRequest(
+            items=[item for _, item in sent], durable=durable, release=self._take_doubtful(),
+            reserve=[n for n in sizes if n <= self._arena.arena_bytes],
+        )
+        try:
+            reply = call(request)
+        except BaseException:
+            self._doubtful.extend(item.offset for _, item in sent)
+            raise
+        self._blocks.extend(zip(reply.reserved, request.reserve, strict=False))
+        self.count += len(sent)
+        for (i, _), result in zip(sent, reply.results, strict=True):
+            out[i] = result.tier
+        return out
+
+    def _write(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, off: int) -> pb.ArenaPutItem:
+        """Copy ``payload`` into the block at ``off``; the item that hands it over."""
         n = meta.nbytes
-        if self._block is None or self._block[1] != n:
-            try:
-                self._reserve(call, n)
-            except CapacityError:
-                return None
-        assert self._block is not None
-        off = self._block[0]
         if off + n > self._arena.arena_bytes:
             raise InvalidArgument(f"the daemon reserved a block at {off} past the end of its arena")
         started = time.perf_counter()
         summed = copy_summed(self._arena.arena[off : off + n], payload, self._helper(n))
         micros = min(int((time.perf_counter() - started) * 1e6), MAX_MICROS)
-        item = pb.ArenaPutItem(
+        return pb.ArenaPutItem(
             key=key_text, meta=meta_to_pb(dataclasses.replace(meta, checksum=summed)), offset=off, micros=micros
         )
-        self._block = None
-        try:
-            reply = call(pb.ArenaPutRequest(items=[item], durable=durable, reserve=n, release=self._take_doubtful()))
-        except BaseException:
-            self._doubtful.append(off)
-            raise
-        if reply.HasField("reserved"):
-            self._block = (reply.reserved, n)
-        self.count += 1
-        return reply.results[0].tier
 
-    def _reserve(self, call: Call, n: int) -> None:
+    def _claim(self, call: Call, sizes: list[int]) -> list[int | None]:
+        """A block held for each size, taken out of :attr:`_blocks`; the sizes
+        none matches are reserved first, in one request that gives back the
+        oldest blocks held of other sizes as far as needed to stay within
+        :data:`MAX_HELD` blocks and :data:`GROUP_BYTES` bytes with this group's
+        (reserved again ahead of the next put).  None for each when the daemon
+        could not reserve them."""
+        out: list[int | None] = []
+        missing: list[int] = []
+        for i, n in enumerate(sizes):
+            j = next((k for k, (_, size) in enumerate(self._blocks) if size == n), None)
+            if j is None:
+                out.append(None)
+                if n <= self._arena.arena_bytes:  # else it never fits: not asked
+                    missing.append(i)
+            else:
+                out.append(self._blocks.pop(j)[0])
+        if not missing:
+            return out
         release = self._take_doubtful()
-        if self._block is not None:
-            release.append(self._block[0])
-            self._block = None
+        group_bytes = sum(sizes)
+        while self._blocks and (
+            len(self._blocks) + len(sizes) > MAX_HELD
+            or sum(n for _, n in self._blocks) + group_bytes > GROUP_BYTES
+        ):
+            release.append(self._blocks.pop(0)[0])
         try:
-            reply = call(pb.ArenaPutRequest(reserve=n, release=release))
+            reply = call(pb.ArenaPutRequest(reserve=[sizes[i] for i in missing], release=release))
+        except CapacityError:
+            self._doubtful.extend(release)
+            return out
         except BaseException:
             self._doubtful.extend(release)
             raise
-        if not reply.HasField("reserved"):
-            raise InvalidArgument("the daemon reserved no block for a direct write")
-        self._block = (reply.reserved, n)
+        if len(reply.reserved) != len(missing):
+            self._doubtful.extend(reply.reserved)
+            raise InvalidArgument(f"the daemon reserved {len(reply.reserved)} blocks for direct writes, not {len(missing)}")
+        for i, off in zip(missing, reply.reserved, strict=True):
+            out[i] = off
+        return out
 
     def _take_doubtful(self) -> list[int]:
         out, self._doubtful = self._doubtful, []
@@ -101,9 +158,24 @@ class ArenaWrites:
         return self._arena.helper() if n >= SPLIT_SUMMED else None
 
     def give_back(self, call: Call) -> None:
-        """Give back the block held (the daemon would take it back when the
+        """Give back the blocks held (the daemon would take them back when the
         connection closes, but not before this returns)."""
-        release = self._take_doubtful() + ([self._block[0]] if self._block is not None else [])
-        self._block = None
+        release = self._take_doubtful() + [off for off, _ in self._blocks]
+        self._blocks.clear()
         if release:
             call(pb.ArenaPutRequest(release=release))
+
+
+def _groups(items: Sequence[Item]) -> list[Sequence[Item]]:
+    """``items`` in order, in groups of at most :data:`MAX_HELD` chunks and
+    :data:`GROUP_BYTES` bytes (a larger chunk alone)."""
+    groups: list[Sequence[Item]] = []
+    start, total = 0, 0
+    for i, (_, meta, _) in enumerate(items):
+        if i > start and (i - start == MAX_HELD or total + meta.nbytes > GROUP_BYTES):
+            groups.append(items[start:i])
+            start, total = i, 0
+        total += meta.nbytes
+    if start < len(items):
+        groups.append(items[start:])
+    return groups

@@ -22,12 +22,13 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.arena_writes import ArenaWrites
+from kvstore.client.arena_writes import ArenaWrites, Item
 from kvstore.errors import CapacityError, InvalidArgument, KVStoreError, error_for_status
 from kvstore.server.messages import meta_to_pb
 from kvstore.server.shm_channel import (
@@ -293,20 +294,22 @@ class BlockingControlChannel:
             _close_all(fds)
         return self.arena
 
-    def try_put(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, durable: bool) -> str | None:
-        """Put ``payload`` (flat uint8 on the CPU, ``meta`` without a checksum) by
-        writing it into the daemon's arena (kvstore/client/arena_writes.py); the
-        tier it went to, or None when that is not possible now (not offered, the
-        channel busy or gone): use another path.  Raises the daemon's errors."""
+    def try_put_many(self, items: Sequence[Item], durable: bool) -> list[str | None] | None:
+        """Put each item (key text; ``meta`` without a checksum, ``meta.nbytes`` > 0;
+        payload flat uint8 on the CPU) by writing it into the daemon's arena
+        (kvstore/client/arena_writes.py); for each, the tier it went to or None
+        (no room reserved for it there: put it another way).  None when direct
+        writes are not possible now (not offered, the channel busy or gone):
+        use another path.  Raises the daemon's errors."""
         arena = self.arena if self.attempted_attach else self.attach()
-        if arena is None or not arena.writable or not meta.nbytes or not self.alive():
+        if arena is None or not arena.writable or not self.alive():
             return None
         if not self._lock.acquire(blocking=False):
             return None
         try:
             if self._writes is None:
                 self._writes = ArenaWrites(arena)
-            return self._writes.put(self._arena_call, key_text, meta, payload, durable)
+            return self._writes.put_many(self._arena_call, items, durable)
         finally:
             self._lock.release()
 

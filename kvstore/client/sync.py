@@ -157,7 +157,17 @@ class Client:
         return self._run(self._aio.put(key, value, durable=durable))
 
     def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
-        return self._run(self._aio.put_many(items, durable=durable))
+        out = self._arena_put_many(items, durable)
+        if out is None:
+            return self._run(self._aio.put_many(items, durable=durable))
+        rest = [i for i, tier in enumerate(out) if tier is None]
+        if rest:
+            tiers = self._run(self._aio.put_many([items[i] for i in rest], durable=durable))
+            for i, tier in zip(rest, tiers, strict=True):
+                out[i] = tier
+        done = [tier for tier in out if tier is not None]
+        assert len(done) == len(items), "every item was put one way or the other"
+        return done
 
     def get(self, key: KeyLike) -> Fetched | None:
         return self.get_many([key])[0]
@@ -290,17 +300,33 @@ class Client:
 
     def _arena_put(self, key: KeyLike, value: Value, durable: bool) -> str | None:
         """A direct write (see the module docstring), or None: take another path."""
-        if not self._direct_writes or isinstance(value, Chunk):
+        out = self._arena_put_many([(key, value)], durable)
+        return None if out is None else out[0]
+
+    def _arena_put_many(self, items: Sequence[tuple[KeyLike, Value]], durable: bool) -> list[str | None] | None:
+        """Direct writes (see the module docstring): for each item, the tier it went
+        to or None (put it another way); None: put them all another way (direct
+        writes off or unavailable, a value that cannot be written directly, a key
+        named twice, whose order the two paths would not keep)."""
+        if not self._direct_writes or not items:
             return None
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        for _, value in items:
+            if isinstance(value, Chunk) or (isinstance(value, torch.Tensor) and value.device.type != "cpu"):
+                return None
+        texts = [_key_text(key) for key, _ in items]
+        if len(set(texts)) != len(texts):
             return None
         direct = self._direct()
         if direct is None:
             return None
-        text = _key_text(key)
-        meta, view = to_payload(value, with_checksum=False)
+        prepared = []
+        for text, (_, value) in zip(texts, items, strict=True):
+            meta, view = to_payload(value, with_checksum=False)
+            if not meta.nbytes:
+                return None
+            prepared.append((text, meta, as_uint8_tensor(view)))
         try:
-            return direct[1].try_put(text, meta, as_uint8_tensor(view), durable)
+            return direct[1].try_put_many(prepared, durable)
         except TimeoutError:
             raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._aio.timeout_s} s") from None
         except (OSError, NotFound):

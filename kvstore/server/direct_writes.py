@@ -11,13 +11,14 @@ goes (piece by piece, while each piece is still in its cache), and hands the
 block over with an ``ArenaPutRequest`` on the control channel
 (kvstore/server/shm_channel.py, kind ``W``).  The daemon makes the block the
 key's chunk as a put would (eviction order, quotas, replacing an older value,
-write-through to lower tiers, the direct-read index) without reading it.  The
-same message reserves the block for the client's next put, so a client
-putting chunks of one size pays one round trip a put.  That reservation
-evicts as the next put would (one put early) but never a chunk the same
-request stored: when only that would make room, the reply reserves nothing
-and the next put reserves its block first (a second round trip), as in a
-tier that holds one chunk.
+write-through to lower tiers, the direct-read index) without reading it.  One
+request hands over up to :data:`MAX_HELD` blocks (a batch: ``put_many``), and
+reserves the blocks for the client's next put, so a client putting batches of
+one shape pays one round trip a batch.  Those reservations evict as the next
+put would (one put early) but never a chunk the same request stored: when
+only that would make room, the reply reserves fewer (a prefix of what was
+asked, maybe none) and the next put reserves the rest first (a second round
+trip), as in a tier that holds one chunk.
 
 What the daemon trusts: the checksum is the client's, computed over the
 block after writing it; the daemon does not read the block again.  That is
@@ -56,8 +57,9 @@ from kvstore.server.shm import FailedPrecondition
 from kvstore.store import TieredStore
 from kvstore.v1 import kvstore_pb2 as pb
 
-#: Blocks one connection may hold reserved at a time.
-MAX_HELD = 4
+#: Blocks one connection may hold reserved at a time (also the most chunks a
+#: client writes with one request, kvstore/client/arena_writes.py).
+MAX_HELD = 8
 
 #: A connection's reserved blocks: offset -> bytes.
 Held = dict[int, int]
@@ -95,7 +97,7 @@ class DirectWrites:
 
     async def put(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> pb.ArenaPutReply:
         """Give back ``request.release``, store ``request.items`` (blocks in ``held``),
-        then reserve ``request.reserve`` bytes; ``held`` follows."""
+        then reserve blocks of ``request.reserve`` bytes; ``held`` follows."""
         self.refuse()
         items = self._check(request, principal, held)
         for off in request.release:
@@ -117,16 +119,19 @@ class DirectWrites:
             self._metrics.record_writes(written, copying + time.perf_counter() - started)
             self._metrics.direct_writes += len(written)
         reply = pb.ArenaPutReply(results=results)
-        if request.reserve:
-            stored = [key for key, _, _ in items]
+        stored = [key for key, _, _ in items]
+        for nbytes in request.reserve:
             try:
-                off = await self._store.reserve(request.reserve, keep=stored)
+                off = await self._store.reserve(nbytes, keep=stored)
             except CapacityError:
-                if not stored:
-                    raise
-                return reply  # ahead of a put: only if it evicts nothing just stored
-            held[off] = request.reserve
-            reply.reserved = off
+                if stored:
+                    break  # ahead of a put: only what evicts nothing just stored
+                for given in reply.reserved:  # alone: all or none
+                    del held[given]
+                    self._store.release(given)
+                raise
+            held[off] = nbytes
+            reply.reserved.append(off)
         return reply
 
     def _check(
@@ -152,13 +157,19 @@ class DirectWrites:
                 raise InvalidArgument(f"{where}: meta.nbytes {meta.nbytes} differs from the block's {size} bytes")
             used.add(item.offset)
             items.append((key, meta, item.offset))
-        if request.reserve:
-            if request.reserve > self._max_chunk:
+        for i, nbytes in enumerate(request.reserve):
+            if nbytes == 0:
+                raise InvalidArgument(f"reserve[{i}]: a block of 0 bytes (sizes must be > 0)")
+            if nbytes > self._max_chunk:
                 raise CapacityError(
-                    f"reserve: {request.reserve} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
+                    f"reserve[{i}]: {nbytes} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
                 )
-            if len(held) - len(released) - len(used) >= MAX_HELD:
-                raise CapacityError(f"reserve: this connection already holds {MAX_HELD} blocks; put or release one first")
+        keeps = len(held) - len(released) - len(used)
+        if keeps + len(request.reserve) > MAX_HELD:
+            raise CapacityError(
+                f"reserve: this connection would hold {keeps + len(request.reserve)} blocks, at most {MAX_HELD}; "
+                "put or release some first"
+            )
         return items
 
     def release_all(self, held: Held) -> None:

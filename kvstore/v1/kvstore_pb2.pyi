@@ -234,14 +234,14 @@ class ArenaPutRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ArenaPutItem]
     durable: bool
-    reserve: int
+    reserve: _containers.RepeatedScalarFieldContainer[int]
     release: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, items: _Optional[_Iterable[_Union[ArenaPutItem, _Mapping]]] = ..., durable: _Optional[bool] = ..., reserve: _Optional[int] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, items: _Optional[_Iterable[_Union[ArenaPutItem, _Mapping]]] = ..., durable: _Optional[bool] = ..., reserve: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ArenaPutReply(_message.Message):
     __slots__ = ("results", "reserved")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[PutResult]
-    reserved: int
-    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ..., reserved: _Optional[int] = ...) -> None: ...
+    reserved: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ..., reserved: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -3,7 +3,7 @@ and the table and goal rows rendered from a report."""
 
 from __future__ import annotations
 
-from kvstore.bench.runner import MiB, goal_rows, render_table, run
+from kvstore.bench.runner import BATCH, MiB, goal_rows, render_table, run
 
 
 def test_a_small_run_measures_every_target_and_both_copy_references() -> None:
@@ -16,6 +16,10 @@ def test_a_small_run_measures_every_target_and_both_copy_references() -> None:
         # Every gRPC get of the run went over the client's HTTP/2 reader (run() checked the bytes).
         assert rows[("kvstore-grpc", size)]["note"].startswith("5 of 5 gets over HTTP/2")
         assert "x 2 buffers" in rows[("memcpy-distinct", size)]["note"]
+        # Batches: put only; every value of every batch (warm-up included) written directly.
+        batch = rows[("kvstore-shm-x8", size)]
+        assert batch["put_gbps"] > 0 and batch["get_gbps"] is None, batch
+        assert f"{(3 + 1) * BATCH} puts written directly" in batch["note"]  # 3 timed calls, 1 warm-up
     table = render_table(report)
     assert "memcpy-distinct" in table and "/distinct" in table
 

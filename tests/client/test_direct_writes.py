@@ -7,7 +7,9 @@ stored bytes; other clients (direct reads, the byte stream) see each put and
 overwrite at once; changing sizes leaks no reserved block; the config switch,
 the client switch and a token file each turn it off and puts still work;
 threads sharing a client all get their values stored; a dead daemon gives an
-error, not a hang.
+error, not a hang; a batch (``put_many``) takes one request per group of
+chunks, in the order given, with what cannot be written directly put the
+ordinary way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import yaml
 
 import kvstore
 from kvstore.admin.client import AdminClient
-from kvstore.chunk import checksum
+from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.client.arena_writes import GROUP_BYTES
+from kvstore.server.direct_writes import MAX_HELD
 from kvstore.errors import KVStoreError
 from kvstore.tiers.copier import SPLIT_SUMMED, SUM_PIECE
 from kvstore.tiers.shared_arena import SUPPORTED
@@ -30,6 +34,7 @@ from tests.client.test_direct_reads import DTYPES, values
 from tests.server import MiB, key
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
 from tests.support.threads import run_workers
+from tests.test_metrics import free_port, scrape
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 
@@ -161,3 +166,80 @@ def test_a_value_larger_than_the_cpu_tier_goes_below_it(tmp_path: Path) -> None:
             assert c.get_bytes(key(1, model="big")) == bytes([7]) * (6 * MiB)
             assert c.put(key(2, model="big"), bytes([8]) * MiB) == "cpu"
             assert c.direct_writes == 1
+
+
+def test_a_batch_is_one_request_per_group(tmp_path: Path) -> None:
+    port = free_port()
+    with DaemonProcess(tmp_path, cpu_only("256MiB", metrics_port=port)) as d:
+
+        def requests() -> float:
+            samples = scrape(port)  # no series before the first
+            return samples.get(("kvstore_rpc_duration_seconds_count", (("method", "KVStore/ArenaPut"),)), 0.0)
+
+        g = torch.Generator().manual_seed(5)
+        with kvstore.Client(d.address) as c:
+            c.put(key(0, model="batch"), b"registers the segment")
+            n = 3 * MAX_HELD + 1  # four groups
+            for rnd in range(3):
+                values = [torch.randint(0, 256, (MiB + 256,), dtype=torch.uint8, generator=g) for _ in range(n)]
+                keys = [key(1000 * rnd + i, model="batch") for i in range(n)]
+                before = requests()
+                assert c.put_many(list(zip(keys, values, strict=True))) == ["cpu"] * n
+                # The first group reserves its blocks first; every other finds them reserved.
+                assert requests() - before == (5 if rnd == 0 else 4)
+                for k, v in zip(keys, values, strict=True):
+                    out = torch.empty_like(v)
+                    meta = c.get_into(k, out)
+                    assert meta is not None and meta.checksum == checksum(out.numpy().data) and torch.equal(out, v)
+            assert c.direct_writes == 3 * n  # the first put registered the segment
+
+
+def test_a_batch_of_mixed_sizes_and_values(tmp_path: Path) -> None:
+    """Sizes that change within a batch and between batches, groups cut by
+    bytes, values that are not written directly: all stored, in order, and
+    nothing left reserved once the client closes."""
+    big = GROUP_BYTES // 3 + 1  # three do not fit in a group
+    with DaemonProcess(tmp_path, cpu_only("512MiB")) as d:
+        expect: dict[str, bytes] = {}
+        with kvstore.Client(d.address) as c:
+            c.put(key(0, model="mixed"), b"w")
+            expect[key(0, model="mixed")] = b"w"
+            batches = [
+                [100, MiB, 100, 3 * MiB + 1, big, big, big, 5],
+                [MiB, MiB, 7, big],
+                [3 * MiB + 1] * (MAX_HELD + 2),
+            ]
+            for b, sizes in enumerate(batches):
+                items = [(key(100 * b + i, model="mixed"), bytes([b * 16 + i]) * n) for i, n in enumerate(sizes)]
+                assert c.put_many(items) == ["cpu"] * len(items)
+                expect.update(items)
+            written = c.direct_writes
+            assert written == 1 + sum(len(s) for s in batches) - 1  # the first put registered the segment
+            # A Chunk, or an empty value, in the batch: the whole batch goes the ordinary way.
+            chunk = Chunk(ChunkMeta(nbytes=4, checksum=checksum(b"abcd")), memoryview(b"abcd"))
+            odd = [(key(900, model="mixed"), b"x" * 1000), (key(901, model="mixed"), chunk), (key(902, model="mixed"), b"")]
+            assert c.put_many(odd) == ["cpu"] * 3
+            expect.update({key(900, model="mixed"): b"x" * 1000, key(901, model="mixed"): b"abcd", key(902, model="mixed"): b""})
+            # A key named twice: the later value wins, as it would one put at a time.
+            twice = [(key(910, model="mixed"), b"first" * 100), (key(910, model="mixed"), b"second" * 100)]
+            assert c.put_many(twice) == ["cpu", "cpu"]
+            expect[key(910, model="mixed")] = b"second" * 100
+            assert c.direct_writes == written
+            for k, v in expect.items():
+                assert c.get_bytes(k) == v, k
+        nbytes, chunks = used(d.address)
+        total = sum(len(v) for v in expect.values())
+        assert chunks == len(expect) and total <= nbytes <= total + 256 * len(expect)
+
+
+def test_a_batch_with_a_value_larger_than_the_cpu_tier(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path / "d", cpu_and_disk(tmp_path / "disk", cpu="4MiB", disk="64MiB")) as d:
+        with kvstore.Client(d.address) as c:
+            c.put(key(0, model="big"), b"warm")
+            items = [(key(1, model="big"), bytes([1]) * MiB), (key(2, model="big"), bytes([2]) * (6 * MiB)),
+                     (key(3, model="big"), bytes([3]) * 1000)]
+            # No block for the 6 MiB value: through the daemon, which stores it below.
+            assert c.put_many(items) == ["cpu", "disk", "cpu"]
+            for k, v in items:
+                assert c.get_bytes(k) == v
+            assert c.direct_writes == 2

@@ -54,9 +54,9 @@ class Writer:
         return pb.ArenaPutReply.FromString(body)
 
     def reserve(self, n: int) -> int:
-        reply = self.ok(reserve=n)
-        assert reply.HasField("reserved")
-        return reply.reserved
+        reply = self.ok(reserve=[n])
+        assert len(reply.reserved) == 1
+        return reply.reserved[0]
 
     def write(self, offset: int, data: bytes) -> None:
         assert self.map is not None
@@ -112,14 +112,14 @@ def test_a_written_block_becomes_the_keys_chunk(daemon: DaemonProcess, writer: W
     off = writer.reserve(len(data))
     writer.write(off, data)
     k = key(1, model="dw")
-    reply = writer.ok(items=[item(k, data, off)], reserve=len(data))
+    reply = writer.ok(items=[item(k, data, off)], reserve=[len(data)])
     assert [r.tier for r in reply.results] == ["cpu"]
-    assert reply.HasField("reserved") and reply.reserved != off  # the next block
+    assert len(reply.reserved) == 1 and reply.reserved[0] != off  # the next block
     assert get(daemon.address, k) == data
     # The next put into the block reserved with it replaces the value.
     new = blob(2, 300_000)
-    writer.write(reply.reserved, new)
-    writer.ok(items=[item(k, new, reply.reserved)])
+    writer.write(reply.reserved[0], new)
+    writer.ok(items=[item(k, new, reply.reserved[0])])
     assert get(daemon.address, k) == new
 
 
@@ -135,7 +135,9 @@ def test_requests_naming_blocks_not_held_store_nothing(daemon: DaemonProcess, wr
         (dict(items=[item(k, data, off)], release=[off]), "INVALID_ARGUMENT", "holds no block"),
         (dict(items=[item("not a key", data, off)]), "INVALID_ARGUMENT", "key"),
         (dict(items=[item(k, data, off, dtype="complex7")]), "INVALID_ARGUMENT", "dtype"),
-        (dict(reserve=8 * MiB + 1), "RESOURCE_EXHAUSTED", "max_chunk_bytes"),
+        (dict(reserve=[100, 8 * MiB + 1]), "RESOURCE_EXHAUSTED", "reserve[1]: 8388609 bytes exceeds the daemon's max_chunk_bytes"),
+        (dict(reserve=[100, 0]), "INVALID_ARGUMENT", "reserve[1]: a block of 0 bytes"),
+        (dict(items=[item(k, data, off)], reserve=[1] * (MAX_HELD + 1)), "RESOURCE_EXHAUSTED", "at most"),
     ]:
         got_status, message = error_of(writer.request(**bad))
         assert got_status == status, bad
@@ -152,6 +154,7 @@ def test_undecodable_requests_get_an_error_and_the_daemon_serves_on(daemon: Daem
     status, message = error_of(call(writer.sock, KIND_WRITE, b"\xff\xff\xff"))
     assert status == "INVALID_ARGUMENT" and "ArenaPutRequest" in message
     assert writer.reserve(100) >= 0
+    writer.ok(release=[writer.reserve(100)])
 
 
 def test_reservations_are_bounded_and_given_back(daemon: DaemonProcess) -> None:
@@ -160,10 +163,10 @@ def test_reservations_are_bounded_and_given_back(daemon: DaemonProcess) -> None:
     try:
         blocks = [w.reserve(MiB) for _ in range(MAX_HELD)]
         assert used(daemon.address) == before + MAX_HELD * MiB  # reserved blocks count as used
-        status, message = error_of(w.request(reserve=MiB))
-        assert status == "RESOURCE_EXHAUSTED" and f"already holds {MAX_HELD} blocks" in message
+        status, message = error_of(w.request(reserve=[MiB]))
+        assert status == "RESOURCE_EXHAUSTED" and f"would hold {MAX_HELD + 1} blocks, at most {MAX_HELD}" in message
         # Releasing one makes room for one; unknown offsets in release are ignored.
-        w.ok(release=[blocks[0], 12345], reserve=MiB)
+        w.ok(release=[blocks[0], 12345], reserve=[MiB])
         assert used(daemon.address) == before + MAX_HELD * MiB
         w.ok(release=blocks[1:2])
         assert used(daemon.address) == before + (MAX_HELD - 1) * MiB
@@ -190,7 +193,7 @@ def test_reserving_in_a_full_tier_evicts_as_a_put_would(tmp_path: Path) -> None:
             assert all(get(d.address, k) is not None for k in keys)
             w.reserve(2 * MiB)  # the oldest chunk makes room
             assert [get(d.address, k) is not None for k in keys] == [False, True, True]
-            status, message = error_of(w.request(reserve=9 * MiB))
+            status, message = error_of(w.request(reserve=[9 * MiB]))
             assert status == "RESOURCE_EXHAUSTED" and "larger than tier" in message
         finally:
             w.close()
@@ -223,7 +226,7 @@ def test_direct_writes_are_offered_only_when_allowed(tmp_path: Path, how: str) -
                 assert not w.flags & WRITABLE
                 with pytest.raises(OSError):  # the descriptor is read-only
                     mmap.mmap(w.arena_fd, w.arena_bytes)
-                status, message = error_of(w.request(reserve=100))
+                status, message = error_of(w.request(reserve=[100]))
                 why = "shm_direct_writes" if how == "config" else "attach asking for the arena writable"
                 assert status == "FAILED_PRECONDITION" and why in message
                 assert not is_closed_now(w.sock)
@@ -240,7 +243,7 @@ def test_direct_writes_are_offered_only_when_allowed(tmp_path: Path, how: str) -
             reg = Registered(d.address, A_RW)
             try:
                 with reg.connect() as sock:
-                    body = pb.ArenaPutRequest(reserve=100).SerializeToString()
+                    body = pb.ArenaPutRequest(reserve=[100]).SerializeToString()
                     status, message = error_of(call(sock, KIND_WRITE, body))
                     assert status == "FAILED_PRECONDITION" and "token file" in message
             finally:
@@ -265,10 +268,46 @@ def test_the_block_reserved_with_a_put_never_evicts_what_it_stored(tmp_path: Pat
             data = blob(1, 5 * MiB)  # more than half the tier
             off = w.reserve(len(data))
             w.write(off, data)
-            reply = w.ok(items=[item(k, data, off)], reserve=len(data))
-            assert not reply.HasField("reserved")  # only evicting k would make room
+            reply = w.ok(items=[item(k, data, off)], reserve=[len(data)])
+            assert not reply.reserved  # only evicting k would make room
             assert get(d.address, k) == data
             w.reserve(len(data))  # asked alone, it evicts as the next put would
             assert get(d.address, k) is None
+        finally:
+            w.close()
+
+
+def test_a_batch_is_handed_over_and_reserved_again_in_one_request(daemon: DaemonProcess, writer: Writer) -> None:
+    sizes = [MiB, 3000, MiB]
+    offs = list(writer.ok(reserve=sizes).reserved)
+    assert len(set(offs)) == 3
+    keys = [key(20 + i, model="batch") for i in range(3)]
+    datas = [blob(20 + i, n) for i, n in enumerate(sizes)]
+    for off, data in zip(offs, datas, strict=True):
+        writer.write(off, data)
+    reply = writer.ok(items=[item(k, d, o) for k, d, o in zip(keys, datas, offs, strict=True)], reserve=sizes)
+    assert [r.key for r in reply.results] == keys and {r.tier for r in reply.results} == {"cpu"}
+    assert len(reply.reserved) == 3 and not set(reply.reserved) & set(offs)
+    assert [get(daemon.address, k) for k in keys] == datas
+    writer.ok(release=list(reply.reserved))
+
+
+def test_a_batch_reservation_alone_is_all_or_none(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, cpu_only("8MiB")) as d:
+        w = Writer(d.address)
+        try:
+            before = used(d.address)
+            status, message = error_of(w.request(reserve=[3 * MiB, 3 * MiB, 3 * MiB]))
+            assert status == "RESOURCE_EXHAUSTED", message
+            assert used(d.address) == before  # the first two went back
+            # With items, as many as evict none of them: a prefix.
+            k = key(30, model="prefix")
+            data = blob(30, 3 * MiB)
+            off = w.reserve(len(data))
+            w.write(off, data)
+            reply = w.ok(items=[item(k, data, off)], reserve=[3 * MiB, 3 * MiB])
+            assert len(reply.reserved) == 1  # a second would evict k
+            assert get(d.address, k) == data
+            assert used(d.address) == before + 6 * MiB
         finally:
             w.close()
