@@ -14,7 +14,12 @@ when it offers one (kvstore/server/shm_channel.py), else over gRPC.  Gets of
 chunks in the daemon's CPU tier need no request at all when the daemon
 shares that tier's memory (no token file; kvstore/tiers/shared_arena.py):
 the client copies them out itself, on the event loop's thread (a memory
-copy: up to 0.1 ms per MiB); ``direct_reads=False`` turns that off.
+copy: up to 0.1 ms per MiB); ``direct_reads=False`` turns that off.  Puts of
+CPU tensors and bytes are then written into that memory by the client too
+(direct writes, kvstore/client/arena_writes.py: one copy and one request
+per group of up to 8 chunks), in a worker thread, so the event loop is not
+held for the copies and the round trip; ``direct_writes=False`` turns that
+off.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import grpc
 import torch
 
 from kvstore.chunk import ChunkMeta, checksum
+from kvstore.client.arena_writes import direct_items, filled, not_written
 from kvstore.client.payload import Value, to_payload, to_tensor
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, ControlChannel, get_item, put_item
 from kvstore.tiers.memory import tensor_view
@@ -117,6 +123,7 @@ class AsyncClient:
         shm: bool | Literal["auto"] = "auto",
         shm_bytes: int = 256 << 20,
         direct_reads: bool = True,
+        direct_writes: bool = True,
     ) -> None:
         if not 4096 <= frame_bytes <= 64 << 20:
             raise InvalidArgument(f"frame_bytes must be in [4 KiB, 64 MiB], got {frame_bytes}")
@@ -124,8 +131,9 @@ class AsyncClient:
             raise InvalidArgument(f"timeout_s must be positive, got {timeout_s}")
         if retries < 0:
             raise InvalidArgument(f"retries must be >= 0, got {retries}")
-        if not isinstance(direct_reads, bool):
-            raise InvalidArgument(f"direct_reads must be True or False, got {direct_reads!r}")
+        for name, flag in (("direct_reads", direct_reads), ("direct_writes", direct_writes)):
+            if not isinstance(flag, bool):
+                raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
         self.address = address
         self._timeout = timeout_s
         self._retries = retries
@@ -162,7 +170,8 @@ class AsyncClient:
         self._shm_tried = False
         self._shm_lock = asyncio.Lock()
         self._direct_reads = direct_reads
-        #: Reads from the daemon's shared arena (a blocking control connection of its own).
+        self._direct_writes = direct_writes
+        #: Reads from and writes into the daemon's shared arena (a blocking control connection of its own).
         self._reader: BlockingControlChannel | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -249,8 +258,8 @@ class AsyncClient:
                 self._control = await ControlChannel.open(reply.control_socket, seg.segment_id, seg.nonce)
             except (OSError, KVStoreError):
                 self._control = None  # ShmPut/ShmGet over gRPC then
-            if self._direct_reads:
-                self._reader = _arena_reader(seg, min(5.0, self._timeout))
+            if self._direct_reads or self._direct_writes:
+                self._reader = _arena_reader(seg, min(5.0, self._timeout), writes=self._direct_writes)
         return seg
 
     def _drop_control(self) -> None:
@@ -271,6 +280,12 @@ class AsyncClient:
         reader = self._reader
         return 0 if reader is None or reader.arena is None else reader.arena.reads
 
+    @property
+    def direct_writes(self) -> int:
+        """Puts written into the daemon's shared arena since the segment was registered."""
+        reader = self._reader
+        return 0 if reader is None else reader.direct_writes
+
     async def direct_reads_ready(self) -> bool:
         """Register the segment (mapping the daemon's shared arena, if offered)
         and map every page of the arena into this process, in a worker thread;
@@ -286,7 +301,7 @@ class AsyncClient:
         """The chunk read from the daemon's shared arena (copied on this thread: a
         memory copy, 0.1 ms per MiB at most), or None: ask the daemon."""
         reader = self._reader
-        if reader is None:
+        if reader is None or not self._direct_reads:
             return None
         read = reader.read_shared(key, out)
         if read is None:
@@ -383,6 +398,18 @@ class AsyncClient:
         if not items:
             return []
         seg = await self._shm()
+        if seg is not None:
+            written = await self._arena_put_many(items, durable)
+            if written is not None:
+                rest = not_written(written)
+                tiers = await self._put_through_daemon(seg, [items[i] for i in rest], durable) if rest else []
+                return filled(written, rest, tiers)
+        return await self._put_through_daemon(seg, items, durable)
+
+    async def _put_through_daemon(
+        self, seg: ClientSegment | None, items: Sequence[tuple[KeyLike, Value]], durable: bool
+    ) -> list[str]:
+        """Put through the segment (the daemon copies) when there is one, else over the stream."""
         # Over shared memory the daemon checksums the bytes itself: skip our pass.
         prepared = [(_key_text(k), *to_payload(v, with_checksum=seg is None), v) for k, v in items]
         if seg is not None:
@@ -395,6 +422,24 @@ class AsyncClient:
                 return out
             prepared = [(k, *to_payload(v), v) for k, _, _, v in prepared]
         return await self._put_stream([(k, m, d) for k, m, d, _ in prepared], durable)
+
+    async def _arena_put_many(self, items: Sequence[tuple[KeyLike, Value]], durable: bool) -> list[str | None] | None:
+        """Direct writes (see the module docstring), in a worker thread: for each
+        item, the tier it went to or None (put it another way); None: put them
+        all another way (off, not offered, the connection busy with another
+        call or gone, or values :func:`direct_items` turns away)."""
+        reader = self._reader
+        if reader is None or not self._direct_writes:
+            return None
+        prepared = direct_items([_key_text(k) for k, _ in items], [v for _, v in items])
+        if prepared is None:
+            return None
+        try:
+            return await asyncio.to_thread(reader.try_put_many, prepared, durable)
+        except TimeoutError:
+            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._timeout} s") from None
+        except (OSError, NotFound):
+            return None  # the connection is gone, or the daemon lost the segment: the ShmPut path finds out
 
     async def put_chunks(
         self, items: Sequence[tuple[KeyLike, ChunkMeta, memoryview]], *, durable: bool = False
@@ -617,11 +662,12 @@ class AsyncClient:
         return list(reply.found)
 
 
-def _arena_reader(seg: ClientSegment, timeout_s: float) -> BlockingControlChannel | None:
-    """A control connection with the daemon's shared arena attached, or None
-    (not offered: a token file, turned off, no tier that can; or no connection)."""
+def _arena_reader(seg: ClientSegment, timeout_s: float, *, writes: bool) -> BlockingControlChannel | None:
+    """A control connection with the daemon's shared arena attached (asking for it
+    writable with ``writes``), or None (not offered: a token file, turned off, no
+    tier that can; or no connection)."""
     try:
-        ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, timeout_s)
+        ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, timeout_s, writes=writes)
     except (OSError, KVStoreError):
         return None
     try:

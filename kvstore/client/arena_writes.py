@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from kvstore.chunk import ChunkMeta
+from kvstore.chunk import Chunk, ChunkMeta
+from kvstore.client.payload import Value, to_payload
 from kvstore.errors import CapacityError, InvalidArgument
 from kvstore.server.direct_writes import MAX_HELD
 from kvstore.server.messages import meta_to_pb
 from kvstore.tiers.copier import SPLIT_SUMMED, copy_summed
+from kvstore.tiers.memory import as_uint8_tensor
 from kvstore.tiers.shared_arena import ArenaReader
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -179,3 +181,37 @@ def _groups(items: Sequence[Item]) -> list[Sequence[Item]]:
     if start < len(items):
         groups.append(items[start:])
     return groups
+
+
+def direct_items(texts: Sequence[str], values: Sequence[Value]) -> list[Item] | None:
+    """The values to put under the keys ``texts`` as :meth:`ArenaWrites.put_many`
+    takes them; None when they must all go another way: a value that is a
+    ``Chunk`` (its metadata is kept as is), on a device, or empty, or a key
+    named twice (the two ways would not keep the order)."""
+    if not texts or len(set(texts)) != len(texts):
+        return None
+    out: list[Item] = []
+    for text, value in zip(texts, values, strict=True):
+        if isinstance(value, Chunk) or (isinstance(value, torch.Tensor) and value.device.type != "cpu"):
+            return None
+        meta, view = to_payload(value, with_checksum=False)
+        if not meta.nbytes:
+            return None
+        out.append((text, meta, as_uint8_tensor(view)))
+    return out
+
+
+def not_written(out: Sequence[str | None]) -> list[int]:
+    """Where :meth:`ArenaWrites.put_many` put nothing: to put another way."""
+    return [i for i, tier in enumerate(out) if tier is None]
+
+
+def filled(out: Sequence[str | None], rest: Sequence[int], tiers: Sequence[str]) -> list[str]:
+    """``out`` with the tiers of the items at ``rest`` (put another way) filled in."""
+    done = list(out)
+    for i, tier in zip(rest, tiers, strict=True):
+        done[i] = tier
+    complete = [tier for tier in done if tier is not None]
+    if len(complete) != len(done):
+        raise AssertionError("an item was put neither directly nor another way")
+    return complete

@@ -45,14 +45,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvstore.chunk import Chunk, ChunkMeta
+from kvstore.chunk import ChunkMeta
 from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
+from kvstore.client.arena_writes import direct_items, filled, not_written
 from kvstore.client.h2get import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
 from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
 from kvstore.server.messages import meta_from_pb
-from kvstore.tiers.memory import as_uint8_tensor, tensor_view
+from kvstore.tiers.memory import tensor_view
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -96,8 +97,8 @@ class Client:
 
     @staticmethod
     async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:
-        # This client reads the shared arena itself (over its own blocking channel).
-        return AsyncClient(address, **kwargs, direct_reads=False)
+        # This client reads and writes the shared arena itself (over its own blocking channel).
+        return AsyncClient(address, **kwargs, direct_reads=False, direct_writes=False)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():
@@ -160,14 +161,9 @@ class Client:
         out = self._arena_put_many(items, durable)
         if out is None:
             return self._run(self._aio.put_many(items, durable=durable))
-        rest = [i for i, tier in enumerate(out) if tier is None]
-        if rest:
-            tiers = self._run(self._aio.put_many([items[i] for i in rest], durable=durable))
-            for i, tier in zip(rest, tiers, strict=True):
-                out[i] = tier
-        done = [tier for tier in out if tier is not None]
-        assert len(done) == len(items), "every item was put one way or the other"
-        return done
+        rest = not_written(out)
+        tiers = self._run(self._aio.put_many([items[i] for i in rest], durable=durable)) if rest else []
+        return filled(out, rest, tiers)
 
     def get(self, key: KeyLike) -> Fetched | None:
         return self.get_many([key])[0]
@@ -305,26 +301,13 @@ class Client:
 
     def _arena_put_many(self, items: Sequence[tuple[KeyLike, Value]], durable: bool) -> list[str | None] | None:
         """Direct writes (see the module docstring): for each item, the tier it went
-        to or None (put it another way); None: put them all another way (direct
-        writes off or unavailable, a value that cannot be written directly, a key
-        named twice, whose order the two paths would not keep)."""
+        to or None (put it another way); None: put them all another way."""
         if not self._direct_writes or not items:
             return None
-        for _, value in items:
-            if isinstance(value, Chunk) or (isinstance(value, torch.Tensor) and value.device.type != "cpu"):
-                return None
-        texts = [_key_text(key) for key, _ in items]
-        if len(set(texts)) != len(texts):
+        prepared = direct_items([_key_text(key) for key, _ in items], [value for _, value in items])
+        direct = None if prepared is None else self._direct()
+        if prepared is None or direct is None:
             return None
-        direct = self._direct()
-        if direct is None:
-            return None
-        prepared = []
-        for text, (_, value) in zip(texts, items, strict=True):
-            meta, view = to_payload(value, with_checksum=False)
-            if not meta.nbytes:
-                return None
-            prepared.append((text, meta, as_uint8_tensor(view)))
         try:
             return direct[1].try_put_many(prepared, durable)
         except TimeoutError:

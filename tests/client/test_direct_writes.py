@@ -243,3 +243,27 @@ def test_a_batch_with_a_value_larger_than_the_cpu_tier(tmp_path: Path) -> None:
             for k, v in items:
                 assert c.get_bytes(k) == v
             assert c.direct_writes == 2
+
+
+async def test_the_async_client_writes_directly(server: DaemonProcess) -> None:
+    g = torch.Generator().manual_seed(11)
+    values = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in (MiB, 5000, 3 * MiB, MiB)]
+    keys = [key(i, model="async-dw") for i in range(len(values))]
+    async with kvstore.AsyncClient(server.address) as c, kvstore.AsyncClient(server.address, shm=False) as stream:
+        # The segment is registered before the first put: every put is written directly.
+        assert await c.put(keys[0], b"first") == "cpu" and c.direct_writes == 1
+        for rnd in range(2):
+            assert await c.put_many(list(zip(keys, values, strict=True))) == ["cpu"] * len(values)
+            assert c.direct_writes == 1 + (rnd + 1) * len(values)
+            for k, v in zip(keys, values, strict=True):
+                got = await stream.get(k)
+                assert got is not None and got.meta.checksum == checksum(got.data)
+                assert torch.equal(got.tensor(), v)
+            values = [v.flip(0) for v in values]
+        assert await c.put(keys[0], values[0]) == "cpu" and c.direct_writes == 2 * len(values) + 2
+    async with kvstore.AsyncClient(server.address, direct_writes=False) as off:
+        await off.put(keys[1], b"x")
+        assert await off.put(keys[1], values[1]) == "cpu" and off.direct_writes == 0
+        assert (await off.get(keys[1])) is not None and off.direct_reads == 1
+    with pytest.raises(kvstore.InvalidArgument, match="direct_writes must be True or False"):
+        kvstore.AsyncClient(server.address, direct_writes="yes")  # type: ignore[arg-type]
