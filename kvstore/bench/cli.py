@@ -34,7 +34,8 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="measure put/get throughput and latency against references and peers",
         description=(
             "Measure put and get throughput (GB/s) and p50/p99 latency of a kvstore daemon over the gRPC "
-            "stream and the shared-memory path, next to two memory copies (the same buffers again and again, "
+            "stream and the shared-memory path (single puts, and puts of 8 values at a time with put_many: "
+            "kvstore-shm-x8), next to two memory copies (the same buffers again and again, "
             "cache-resident at 1-4 MiB; and distinct buffers over 256 MiB, as the daemon sees them) and, when "
             "installed, the peers "
             "a user would pick instead: Redis (redis-server + redis-py) and LMCache's raw-TCP and "

@@ -256,6 +256,7 @@ def bench_kvstore_batch(address: str, size: int, calls: int, warmup: int) -> Res
             stamps = [v[:8].view(torch.int64) for v in values]
             out = torch.empty(size, dtype=torch.uint8)
             c.put(keys[0], b"registers the shared-memory segment")
+            c.direct_reads_ready()  # every page of the arena mapped here, as for kvstore-shm
             put_s: list[float] = []
             for i in range(warmup + calls):
                 half = (i % 2) * BATCH  # alternate between two sets of sources and keys

@@ -259,7 +259,11 @@ class AsyncClient:
             except (OSError, KVStoreError):
                 self._control = None  # ShmPut/ShmGet over gRPC then
             if self._direct_reads or self._direct_writes:
+                # Connecting and attaching run on the event loop: 5 s at most.  Direct
+                # writes (in a worker thread) wait for durable puts: the client's timeout.
                 self._reader = _arena_reader(seg, min(5.0, self._timeout), writes=self._direct_writes)
+                if self._reader is not None:
+                    self._reader.set_timeout(self._timeout)
         return seg
 
     def _drop_control(self) -> None:

@@ -234,6 +234,10 @@ class BlockingControlChannel:
         self._poll = select.poll()
         self._poll.register(self._sock, select.POLLIN)
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """How long a call waits for the daemon's reply from now on."""
+        self._sock.settimeout(timeout_s)
+
     def try_call(self, kind: int, body: bytes) -> bytes | None:
         """The reply's body; None when another thread is using the channel.
         Raises the daemon's error as a typed KVStoreError, OSError when the
