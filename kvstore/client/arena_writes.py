@@ -143,10 +143,11 @@ class ArenaWrites:
             self._doubtful.extend(release)
             return out
         except BaseException:
-            self._doubtful.extend(release)
+            # The blocks taken for this group too: still held, unless the connection is gone.
+            self._doubtful.extend(release + [off for off in out if off is not None])
             raise
         if len(reply.reserved) != len(missing):
-            self._doubtful.extend(reply.reserved)
+            self._doubtful.extend([*reply.reserved, *(off for off in out if off is not None)])
             raise InvalidArgument(f"the daemon reserved {len(reply.reserved)} blocks for direct writes, not {len(missing)}")
         for i, off in zip(missing, reply.reserved, strict=True):
             out[i] = off
