@@ -86,6 +86,17 @@ def summarize(target: str, size: int, put_s: list[float], get_s: list[float]) ->
     )
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch (OpenMP) threads, restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_memcpy(size: int, iters: int) -> Result:
     """torch ``copy_`` into a preallocated buffer, with torch's default thread
     count and with one thread; the faster is the reference (on a loaded
@@ -97,15 +108,12 @@ def bench_memcpy(size: int, iters: int) -> Result:
     default = torch.get_num_threads()
     best: Result | None = None
     for threads in dict.fromkeys((default, 1)):
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             ts = []
             for _ in range(iters):
                 t0 = time.perf_counter()
                 dst.copy_(src)
                 ts.append(time.perf_counter() - t0)
-        finally:
-            torch.set_num_threads(default)
         r = dataclasses.replace(summarize("memcpy", size, ts, ts), note=f"torch copy_, {threads} thread(s)")
         if best is None or (r.get_gbps or 0) > (best.get_gbps or 0):
             best = r
@@ -125,8 +133,7 @@ def bench_memcpy_distinct(size: int, iters: int) -> Result:
     best: Result | None = None
     i = 0
     for threads in dict.fromkeys((default, 1)):
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             ts = []
             for _ in range(iters):
                 a, b = src[i % count], dst[(i * 7 + 3) % count]
@@ -134,8 +141,6 @@ def bench_memcpy_distinct(size: int, iters: int) -> Result:
                 t0 = time.perf_counter()
                 b.copy_(a)
                 ts.append(time.perf_counter() - t0)
-        finally:
-            torch.set_num_threads(default)
         r = summarize("memcpy-distinct", size, ts, ts)
         r = dataclasses.replace(r, note=f"torch copy_, {threads} thread(s), {count} x 2 buffers")
         if best is None or (r.get_gbps or 0) > (best.get_gbps or 0):
@@ -188,12 +193,8 @@ def bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: bool
     """Put then get ``iters`` values of ``size`` bytes (distinct content each time).
 
     The client runs with one torch thread, like the peers' clients."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _bench_kvstore(address, size, iters, warmup, shm=shm, slots=slots)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: bool, slots: int) -> Result:
@@ -246,35 +247,30 @@ def bench_kvstore_batch(address: str, size: int, calls: int, warmup: int) -> Res
     """``calls`` puts of :data:`BATCH` plain tensors of ``size`` bytes each (new
     content every time) with ``put_many``, one torch thread; each value is
     then read back and compared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     kb = KeyBuilder(Namespace("bench", "batch"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     keys = [kb.segment_key([size, i]) for i in range(2 * BATCH)]
-    try:
-        with Client(address) as c:
-            values = [torch.empty(size, dtype=torch.uint8).random_(0, 255) for _ in range(2 * BATCH)]
-            stamps = [v[:8].view(torch.int64) for v in values]
-            out = torch.empty(size, dtype=torch.uint8)
-            c.put(keys[0], b"registers the shared-memory segment")
-            c.direct_reads_ready()  # every page of the arena mapped here, as for kvstore-shm
-            put_s: list[float] = []
-            for i in range(warmup + calls):
-                half = (i % 2) * BATCH  # alternate between two sets of sources and keys
-                for stamp in stamps[half : half + BATCH]:
-                    stamp[0] = i
-                items = list(zip(keys[half : half + BATCH], values[half : half + BATCH], strict=True))
-                t0 = time.perf_counter()
-                c.put_many(items)
-                t1 = time.perf_counter()
-                for k, v in items:
-                    if c.get_into(k, out) is None or not torch.equal(out, v):
-                        raise RuntimeError(f"kvstore returned wrong bytes for a {size}-byte value of batch {i}")
-                if i >= warmup:
-                    put_s.append(t1 - t0)
-            c.delete(keys)
-            note = f"put_many of {BATCH} tensors per call (p50/p99 per call); {c.direct_writes} puts written directly"
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), Client(address) as c:
+        values = [torch.empty(size, dtype=torch.uint8).random_(0, 255) for _ in range(2 * BATCH)]
+        stamps = [v[:8].view(torch.int64) for v in values]
+        out = torch.empty(size, dtype=torch.uint8)
+        c.put(keys[0], b"registers the shared-memory segment")
+        c.direct_reads_ready()  # every page of the arena mapped here, as for kvstore-shm
+        put_s: list[float] = []
+        for i in range(warmup + calls):
+            half = (i % 2) * BATCH  # alternate between two sets of sources and keys
+            for stamp in stamps[half : half + BATCH]:
+                stamp[0] = i
+            items = list(zip(keys[half : half + BATCH], values[half : half + BATCH], strict=True))
+            t0 = time.perf_counter()
+            c.put_many(items)
+            t1 = time.perf_counter()
+            for k, v in items:
+                if c.get_into(k, out) is None or not torch.equal(out, v):
+                    raise RuntimeError(f"kvstore returned wrong bytes for a {size}-byte value of batch {i}")
+            if i >= warmup:
+                put_s.append(t1 - t0)
+        c.delete(keys)
+        note = f"put_many of {BATCH} tensors per call (p50/p99 per call); {c.direct_writes} puts written directly"
     # Bytes per call: BATCH values; the row is the value size's.
     return dataclasses.replace(summarize("kvstore-shm-x8", BATCH * size, put_s, []), size_bytes=size, note=note)
 

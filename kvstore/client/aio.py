@@ -36,7 +36,7 @@ import grpc
 import torch
 
 from kvstore.chunk import ChunkMeta, checksum
-from kvstore.client.arena_writes import direct_items, filled, not_written
+from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.payload import Value, to_payload, to_tensor
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, ControlChannel, get_item, put_item
 from kvstore.tiers.memory import tensor_view
@@ -435,15 +435,8 @@ class AsyncClient:
         reader = self._reader
         if reader is None or not self._direct_writes:
             return None
-        prepared = direct_items([_key_text(k) for k, _ in items], [v for _, v in items])
-        if prepared is None:
-            return None
-        try:
-            return await asyncio.to_thread(reader.try_put_many, prepared, durable)
-        except TimeoutError:
-            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._timeout} s") from None
-        except (OSError, NotFound):
-            return None  # the connection is gone, or the daemon lost the segment: the ShmPut path finds out
+        texts = [_key_text(k) for k, _ in items]
+        return await asyncio.to_thread(reader.try_put_many, texts, [v for _, v in items], durable)
 
     async def put_chunks(
         self, items: Sequence[tuple[KeyLike, ChunkMeta, memoryview]], *, durable: bool = False

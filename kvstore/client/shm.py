@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.arena_writes import ArenaWrites, Item
-from kvstore.errors import CapacityError, InvalidArgument, KVStoreError, error_for_status
+from kvstore.client.arena_writes import ArenaWrites, direct_items
+from kvstore.client.payload import Value
+from kvstore.errors import CapacityError, InvalidArgument, KVStoreError, NotFound, error_for_status
 from kvstore.server.messages import meta_to_pb
 from kvstore.server.shm_channel import (
     HEADER,
@@ -298,13 +299,16 @@ class BlockingControlChannel:
             _close_all(fds)
         return self.arena
 
-    def try_put_many(self, items: Sequence[Item], durable: bool) -> list[str | None] | None:
-        """Put each item (key text; ``meta`` without a checksum, ``meta.nbytes`` > 0;
-        payload flat uint8 on the CPU) by writing it into the daemon's arena
+    def try_put_many(self, texts: Sequence[str], values: Sequence[Value], durable: bool) -> list[str | None] | None:
+        """Put each value under its key text by writing it into the daemon's arena
         (kvstore/client/arena_writes.py); for each, the tier it went to or None
         (no room reserved for it there: put it another way).  None when direct
-        writes are not possible now (not offered, the channel busy or gone):
-        use another path.  Raises the daemon's errors."""
+        writes are not possible now (not offered, the channel busy or gone, values
+        :func:`direct_items` turns away): use another path.  Raises the daemon's
+        errors, and DEADLINE_EXCEEDED when it does not answer in time."""
+        items = direct_items(texts, values)
+        if items is None:
+            return None
         arena = self.arena if self.attempted_attach else self.attach()
         if arena is None or not arena.writable or not self.alive():
             return None
@@ -314,6 +318,10 @@ class BlockingControlChannel:
             if self._writes is None:
                 self._writes = ArenaWrites(arena)
             return self._writes.put_many(self._arena_call, items, durable)
+        except TimeoutError:
+            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._sock.gettimeout()} s") from None
+        except (OSError, NotFound):
+            return None  # the connection is gone (closed), or the daemon lost the segment
         finally:
             self._lock.release()
 

@@ -47,7 +47,7 @@ import torch
 
 from kvstore.chunk import ChunkMeta
 from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
-from kvstore.client.arena_writes import direct_items, filled, not_written
+from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.h2get import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
@@ -304,16 +304,9 @@ class Client:
         to or None (put it another way); None: put them all another way."""
         if not self._direct_writes or not items:
             return None
-        prepared = direct_items([_key_text(key) for key, _ in items], [value for _, value in items])
-        direct = None if prepared is None else self._direct()
-        if prepared is None or direct is None:
-            return None
-        try:
-            return direct[1].try_put_many(prepared, durable)
-        except TimeoutError:
-            raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._aio.timeout_s} s") from None
-        except (OSError, NotFound):
-            return None  # the connection is gone (closed), or the daemon lost the segment
+        texts = [_key_text(key) for key, _ in items]
+        direct = self._direct()
+        return None if direct is None else direct[1].try_put_many(texts, [value for _, value in items], durable)
 
     @property
     def direct_writes(self) -> int:
