@@ -105,21 +105,31 @@ async def test_large_copies_run_in_the_pool_while_the_loop_serves(pool: ThreadPo
 
 
 async def test_cancelled_waiter_leaves_the_copy_running_to_its_end(pool: ThreadPoolExecutor) -> None:
-    src, dst = buffers(64 * MiB, seed=7)
-    copier = Copier(pool, 2, inline_max=MiB, split_min=SPLIT)
-    fut = copier.start(dst, src)
-    complete_at_callback: list[bool] = []
-    when_done(fut, lambda: complete_at_callback.append(torch.equal(src, dst)))
+    # Both pool threads are held, so the copy's parts wait in the pool's queue
+    # until the waiter has been cancelled: the order does not depend on timing.
+    release = threading.Event()
+    blockers = [pool.submit(release.wait, 30) for _ in range(2)]
+    try:
+        src, dst = buffers(64 * MiB, seed=7)
+        copier = Copier(pool, 2, inline_max=MiB, split_min=SPLIT)
+        fut = copier.start(dst, src)
+        complete_at_callback: list[bool] = []
+        when_done(fut, lambda: complete_at_callback.append(torch.equal(src, dst)))
 
-    task = asyncio.create_task(finish(fut))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        task = asyncio.create_task(finish(fut))
+        await asyncio.sleep(0)
+        assert not fut.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not fut.cancelled()  # the waiter's cancellation did not reach the copy
+    finally:
+        release.set()
     await asyncio.wait_for(asyncio.shield(fut), 30)
     await asyncio.sleep(0)
     assert complete_at_callback == [True]
-
+    for b in blockers:
+        b.result()
 
 
 @pytest.mark.parametrize("n", [0, 100, 3 * MiB + 1, 20 * MiB])

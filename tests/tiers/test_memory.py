@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import torch
@@ -11,15 +13,37 @@ import torch
 from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.errors import CapacityError, Closed, ConfigError, InvalidArgument
 from kvstore.keys import ChunkKey, Namespace
+from kvstore.tiers import copier
 from kvstore.tiers.cpu import CpuTier, CpuTierConfig
 from kvstore.tiers.gpu import GpuTier, GpuTierConfig
 from kvstore.tiers.memory import MemoryTier, tensor_view
 
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 def key(i: int) -> ChunkKey:
     return ChunkKey(Namespace("t", "m"), "0" * 16, "s" + f"{i:064x}")
+
+
+@pytest.fixture
+def copies_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Copies made on a pool thread wait for the returned event, so a test can
+    cancel a put while its copy is certainly still running."""
+    go = threading.Event()
+
+    def held(fn: Callable[..., T]) -> Callable[..., T]:
+        def wait_then(*args: object) -> T:
+            if threading.current_thread() is not threading.main_thread():
+                assert go.wait(30), "a held copy was never let go"
+            return fn(*args)
+
+        return wait_then
+
+    monkeypatch.setattr(copier, "_copy_part", held(copier._copy_part))
+    monkeypatch.setattr(copier, "copy_summed", held(copier.copy_summed))
+    yield go
+    go.set()
 
 
 @pytest.fixture
@@ -74,7 +98,7 @@ async def test_overwrite_frees_old_block(tier: CpuTier) -> None:
     chunk.release()
 
 
-async def test_large_copy_runs_off_loop_and_cancel_is_safe() -> None:
+async def test_large_copy_runs_off_loop_and_cancel_is_safe(copies_held: threading.Event) -> None:
     t = CpuTier("cpu", CpuTierConfig(capacity_bytes=64 * MiB, prefault=False))
     await t.open()
     try:
@@ -85,7 +109,12 @@ async def test_large_copy_runs_off_loop_and_cancel_is_safe() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not t.contains(key(1))
-        await asyncio.sleep(0.5)  # the copy thread finishes and frees its block
+        assert t.used_bytes > 0  # the copy still writes into its block ...
+        copies_held.set()
+        for _ in range(100):  # ... which it frees when it finishes
+            if t.used_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
         assert t.used_bytes == 0
     finally:
         await t.close()
@@ -186,7 +215,7 @@ async def test_put_summing_describes_the_bytes_stored_while_the_source_changes()
         await t.close()
 
 
-async def test_put_summing_cancelled_frees_its_block_after_the_copy() -> None:
+async def test_put_summing_cancelled_frees_its_block_after_the_copy(copies_held: threading.Event) -> None:
     t = CpuTier("cpu", CpuTierConfig(capacity_bytes=64 * MiB, prefault=False))
     await t.open()
     try:
@@ -196,6 +225,8 @@ async def test_put_summing_cancelled_frees_its_block_after_the_copy() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not t.contains(key(1))
+        assert t.used_bytes > 0
+        copies_held.set()
         for _ in range(100):
             if t.used_bytes == 0:
                 break
