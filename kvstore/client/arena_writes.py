@@ -111,17 +111,22 @@ class ArenaWrites:
         one at a time stop at an error): the requests in flight were sent."""
         out: list[str | None] = [None] * len(items)
         inflight: deque[_Sent] = deque()
+        blocks: list[int | None] = []
+        sizes: list[int] = []
         try:
             at = 0
             for group in _groups(items):
-                sizes = [meta.nbytes for _, meta, _ in group]
-                blocks = self._claim(link, sizes, inflight, out)
+                blocks, sizes = [], []  # _claim keeps track of the blocks it takes until it returns
+                group_sizes = [meta.nbytes for _, meta, _ in group]
+                blocks, sizes = self._claim(link, group_sizes, inflight, out), group_sizes
                 for start, stop in _requests(sizes):
                     self._send(link, group, sizes, blocks, at, start, stop, durable, inflight)
                 at += len(group)
             while inflight:
                 self._settle(link, inflight, out)
         except BaseException:
+            # The group's blocks not handed over are still this connection's.
+            self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
             self._drain_after_error(link, inflight)
             raise
         return out
@@ -130,36 +135,31 @@ class ArenaWrites:
         self, link: Link, group: Sequence[Item], sizes: list[int], blocks: list[int | None],
         at: int, start: int, stop: int, durable: bool, inflight: deque[_Sent],
     ) -> None:
-        """Copy the group's items ``start:stop`` into their blocks and send the request
-        that hands them over (none when no item of them has a block)."""
+        """Copy the group's items ``start:stop`` into their blocks and send the
+        request that hands them over (none when no item of them has a block);
+        the blocks handed over become None in ``blocks``."""
         sent = _Sent([], [], [n for n in sizes[start:stop] if n <= self._arena.arena_bytes])
-        written: list[pb.ArenaPutItem] = []
-        try:
-            for i in range(start, stop):
-                off = blocks[i]
-                if off is not None:
-                    key_text, meta, payload = group[i]
-                    written.append(self._write(key_text, meta, payload, off))
-                    sent.at.append(at + i)
-                    sent.offsets.append(off)
-                    blocks[i] = None  # handed over with this request from here on
-        except BaseException:
-            self._blocks.extend((off, n) for off, n in zip(blocks[start:], sizes[start:], strict=True) if off is not None)
-            self._blocks.extend((off, sizes[sent.at[j] - at]) for j, off in enumerate(sent.offsets))
-            raise
+        written = [
+            self._write(*group[i], off) for i in range(start, stop) if (off := blocks[i]) is not None
+        ]
         if not written:
             return
+        for i in range(start, stop):
+            if (off := blocks[i]) is not None:
+                sent.at.append(at + i)
+                sent.offsets.append(off)
+                blocks[i] = None
         request = pb.ArenaPutRequest(items=written, durable=durable, release=self._take_doubtful(), reserve=sent.reserve)
         try:
             link.send(request)
         except BaseException:
-            self._doubtful.extend(sent.offsets)
+            self._doubtful.extend(sent.offsets)  # maybe sent in part: maybe consumed
             raise
         inflight.append(sent)
 
-    def _settle(self, link: Link, inflight: deque[_Sent], out: list[str | None]) -> None:
+    def _settle(self, link: Link, inflight: deque[_Sent], out: list[str | None] | None) -> None:
         """Read the reply to the oldest request in flight: its items' tiers into
-        ``out``, the blocks it reserved into those held."""
+        ``out`` (unless None), the blocks it reserved into those held."""
         sent = inflight.popleft()
         try:
             reply = link.receive()
@@ -170,21 +170,22 @@ class ArenaWrites:
         if len(reply.results) != len(sent.at):
             raise InvalidArgument(f"the daemon answered {len(reply.results)} direct writes of {len(sent.at)}")
         self.count += len(sent.at)
-        for i, result in zip(sent.at, reply.results, strict=True):
-            out[i] = result.tier
+        if out is not None:
+            for i, result in zip(sent.at, reply.results, strict=True):
+                out[i] = result.tier
 
     def _drain_after_error(self, link: Link, inflight: deque[_Sent]) -> None:
-        """Read the replies still due (the connection stays in step); their blocks
-        go to doubtful when that fails too (the first error is the one raised)."""
-        ignored: list[str | None] = [None] * (max((i for s in inflight for i in s.at), default=-1) + 1)
+        """Read the replies still due (the connection stays in step); once the
+        connection fails, the blocks of those left go to doubtful (the first
+        error is the one raised)."""
         while inflight:
             try:
-                self._settle(link, inflight, ignored)
-            except (OSError, TimeoutError):
+                self._settle(link, inflight, None)
+            except OSError:  # TimeoutError too: the channel is closed
                 for sent in inflight:
                     self._doubtful.extend(sent.offsets)
                 inflight.clear()
-            except Exception:  # noqa: BLE001 - that request's own error: the next reply is still due
+            except Exception:  # noqa: BLE001, S112 - that request's own error: the next reply is still due
                 continue
 
     def _write(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, off: int) -> pb.ArenaPutItem:

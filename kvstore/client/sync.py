@@ -158,6 +158,7 @@ class Client:
         return self._run(self._aio.put(key, value, durable=durable))
 
     def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
+        """As :meth:`AsyncClient.put_many`; direct writes from the calling thread."""
         out = self._arena_put_many(items, durable)
         if out is None:
             return self._run(self._aio.put_many(items, durable=durable))
