@@ -11,10 +11,8 @@ sources per size: a tensor already in the client's segment
 (``Client.buffer``: what ``kvstore bench`` puts), and a plain tensor (what an
 engine puts: the segment path then copies it into the segment first, one
 copy more), and batches of 8 plain tensors (``put_many``, what the vLLM
-connector puts: pipelined requests of about 2 MiB of chunks; the time shown
-is the call's over 8; and, for comparison, the same batches sent one request a
-group, each request's reply read before the next group is copied: what
-direct writes did before they were pipelined).  Rounds alternate the paths (so machine load hits
+connector puts: one request per group of chunks; the time shown is the
+call's over 8).  Rounds alternate the two clients (so machine load hits
 them alike), each put a new value of one of 8 keys, read back and checked
 byte for byte after timing.  Reference in the same run: torch ``copy_``
 between distinct buffers over 256 MiB.  Prints median put latency per
@@ -24,15 +22,12 @@ value, GB/s and the ratio to the copy.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 
 import torch
 
 from kvstore.bench.runner import bench_memcpy_distinct, spawn_daemon
-from kvstore.client import arena_writes
 from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 
@@ -49,7 +44,7 @@ def main() -> None:
     kb = KeyBuilder(Namespace("bench", "writes"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     sizes = [int(float(s) * MiB) for s in a.sizes.split(",")]
     seg = (BATCH + 2) * max(sizes) + (8 << 20)  # a batch fits in the segment
-    print(f"{'size':>6} {'source':<8} {'path':<34} {'put p50 ms':>10} {'GB/s':>7} {'vs copy':>8}")
+    print(f"{'size':>6} {'source':<8} {'path':<30} {'put p50 ms':>10} {'GB/s':>7} {'vs copy':>8}")
     with spawn_daemon("2GiB") as addr:
         with Client(addr, shm_bytes=seg) as direct, Client(addr, shm_bytes=seg, direct_writes=False) as asking:
             paths = {"direct write": direct, "ShmPut (daemon copies)": asking}
@@ -58,68 +53,48 @@ def main() -> None:
             for size in sizes:
                 ref = bench_memcpy_distinct(size, max(20, a.rounds))
                 copy_s = (ref.get_p50_ms or 0.0) / 1e3
-                print(f"{size // MiB:>4}Mi {'':<8} {'memcpy-distinct (reference)':<34} {copy_s * 1e3:>10.3f} "
+                print(f"{size // MiB:>4}Mi {'':<8} {'memcpy-distinct (reference)':<30} {copy_s * 1e3:>10.3f} "
                       f"{size / copy_s / 1e9:>7.2f} {'100%':>8}")
                 for source in ("segment", "tensor", "x8"):
-                    measured = paths if source != "x8" else {**paths, UNPIPELINED: direct}
-                    times = _measure(measured, kb, size, source, a.rounds)
+                    times = _measure(paths, kb, size, source, a.rounds)
                     for name, ts in times.items():
                         p50 = statistics.median(ts)
-                        print(f"{size // MiB:>4}Mi {source:<8} {name:<34} {p50 * 1e3:>10.3f} "
+                        print(f"{size // MiB:>4}Mi {source:<8} {name:<30} {p50 * 1e3:>10.3f} "
                               f"{size / p50 / 1e9:>7.2f} {copy_s / p50:>8.0%}")
             print(f"direct writes made: {direct.direct_writes}; by the other client: {asking.direct_writes}")
 
 
-UNPIPELINED = "direct write, one request a group"
-
-
-@contextlib.contextmanager
-def unpipelined(name: str) -> Iterator[None]:
-    """For the path :data:`UNPIPELINED`: requests as large as groups, so each
-    group's reply is read before the next group is copied."""
-    if name != UNPIPELINED:
-        yield
-        return
-    saved = arena_writes.REQUEST_BYTES
-    arena_writes.REQUEST_BYTES = arena_writes.GROUP_BYTES
-    try:
-        yield
-    finally:
-        arena_writes.REQUEST_BYTES = saved
-
-
 def _measure(paths: dict[str, Client], kb: KeyBuilder, size: int, source: str, rounds: int) -> dict[str, list[float]]:
     keys = [kb.segment_key([size, i]) for i in range(BATCH)]
-    srcs: dict[str, list[torch.Tensor]] = {}
-    for name, c in paths.items():
+    srcs: dict[Client, list[torch.Tensor]] = {}
+    for c in paths.values():
         n = BATCH if source == "x8" else 1
         made = [c.buffer(size) if source == "segment" else torch.empty(size, dtype=torch.uint8) for _ in range(n)]
         if any(t is None for t in made):
             raise SystemExit("shared memory is unavailable here")
-        srcs[name] = [t.random_(0, 255) for t in made if t is not None]
+        srcs[c] = [t.random_(0, 255) for t in made if t is not None]
     check = torch.empty(size, dtype=torch.uint8)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(rounds + 2):  # two untimed rounds first
         for name, c in list(paths.items())[:: 1 if r % 2 else -1]:
-            items = [(keys[(r + i) % BATCH], src) for i, src in enumerate(srcs[name])]
+            items = [(keys[(r + i) % BATCH], src) for i, src in enumerate(srcs[c])]
             for _, src in items:
                 src[:8].view(torch.int64)[0] = r  # a new value each put
-            with unpipelined(name):
-                t0 = time.perf_counter()
-                if len(items) == 1:
-                    c.put(*items[0])
-                else:
-                    c.put_many(items)
-                elapsed = (time.perf_counter() - t0) / len(items)
+            t0 = time.perf_counter()
+            if len(items) == 1:
+                c.put(*items[0])
+            else:
+                c.put_many(items)
+            elapsed = (time.perf_counter() - t0) / len(items)
             if r >= 2:
                 times[name].append(elapsed)
             for k, src in items:
                 if c.get_into(k, check) is None or not torch.equal(check, src):
                     raise SystemExit(f"{name}: wrong bytes for a {size}-byte value")
     if source == "segment":
-        for name, bufs in srcs.items():
+        for c, bufs in srcs.items():
             for t in bufs:
-                paths[name].free_buffer(t)
+                c.free_buffer(t)
     return times
 
 

@@ -17,7 +17,7 @@ For each value size it times, in one run on one machine:
   from the daemon's shared CPU arena, see kvstore/tiers/shared_arena.py);
 * ``kvstore-shm-x8``: puts of :data:`BATCH` plain tensors at a time
   (``put_many``, what the vLLM connector does), written into the daemon's
-  shared CPU arena in pipelined requests (kvstore/client/arena_writes.py);
+  shared CPU arena in one request per group (kvstore/client/arena_writes.py);
   put only, latencies per call;
 * the peers a user would pick instead (Redis through redis-py, LMCache's two
   servers through LMCache's own clients), when installed.

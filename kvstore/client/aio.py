@@ -398,10 +398,11 @@ class AsyncClient:
         return (await self.put_many([(key, value)], durable=durable))[0]
 
     async def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
-        """Store several chunks: written into the daemon's memory (pipelined
-        requests, kvstore/client/arena_writes.py), else in one request (one
-        stream, or one shared-memory call).  The tier of each, in order.  When it
-        raises, any of them may have been stored."""
+        """Store several chunks: written into the daemon's memory (one request
+        per group of chunks, kvstore/client/arena_writes.py), else in one
+        request (one stream, or one shared-memory call).  The tier of each, in
+        order.  When it raises, the chunks before the group it failed in may
+        have been stored."""
         if not items:
             return []
         seg = await self._shm()

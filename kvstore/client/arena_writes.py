@@ -3,29 +3,20 @@
 When the daemon maps its CPU tier's arena writable into this client, a put of
 CPU tensors is: copy each into a block the daemon reserved for this
 connection, checksumming each piece as it is copied
-(:func:`kvstore.tiers.copier.copy_summed`), then a ``W`` request that hands
-the blocks over and reserves the next ones, of the same sizes.
-
-A batch (``put_many``) goes in groups of at most :data:`MAX_HELD` chunks and
-:data:`GROUP_BYTES` bytes: the blocks a client holds at most.  A group that
-the blocks held do not fit first reserves what it needs (one more round
-trip), giving back the oldest blocks held where they and the group's would be
-over those bounds.  Within a group the requests are pipelined: each carries
-about :data:`REQUEST_BYTES` of chunks and goes out as soon as they are
-copied, and the client copies the next ones while the daemon stores those;
-it reads the replies (in order) when it needs the blocks they reserve, and at
-the end.  So a batch costs the copies, plus the daemon's work on the last
-request only.
+(:func:`kvstore.tiers.copier.copy_summed`), then one ``W`` request that hands
+the blocks over and reserves the next ones, of the same sizes.  A batch
+(``put_many``) goes in groups of at most :data:`MAX_HELD` chunks and
+:data:`GROUP_BYTES` bytes, one request each.  A group that the blocks held
+do not fit first reserves what it needs (one more round trip), giving back
+the oldest blocks held where they and the group's would be over those
+bounds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import torch
 
@@ -46,44 +37,11 @@ MAX_MICROS = (1 << 32) - 1
 #: the round trip is a small share of the copies.
 GROUP_BYTES = 64 << 20
 
-#: A request of a group is sent once it carries this many bytes (or the group
-#: ends): the copies of the next request then take longer than the daemon's
-#: work on this one (30-90 us a chunk, 70 a request, on the 2-core VM), and
-#: a request's own cost (20-30 us here) stays small next to its copies.
-REQUEST_BYTES = 2 << 20
-
-
-class Link(Protocol):
-    """The control connection as direct writes use it: requests go out in
-    order, and their replies come back in the same order."""
-
-    def send(self, request: pb.ArenaPutRequest) -> None:
-        """Send ``request`` (raises OSError when the connection is lost)."""
-
-    def receive(self) -> pb.ArenaPutReply:
-        """The reply to the oldest request not yet answered; raises the daemon's
-        error for it (the connection goes on), OSError or TimeoutError."""
-
-
-def call(link: Link, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
-    """Send ``request`` and wait for its reply (nothing else in flight)."""
-    link.send(request)
-    return link.receive()
-
+#: Sends an ``ArenaPutRequest`` on the control channel; the reply, or raises the daemon's error.
+Call = Callable[[pb.ArenaPutRequest], pb.ArenaPutReply]
 
 #: A chunk to put: key text, metadata (without a checksum yet), payload (flat uint8 on the CPU).
 Item = tuple[str, ChunkMeta, torch.Tensor]
-
-
-@dataclasses.dataclass
-class _Sent:
-    """A ``W`` request in flight."""
-
-    #: The batch's items it carries (their indexes), and the blocks they were written into.
-    at: list[int]
-    offsets: list[int]
-    #: The sizes it reserves for the next puts.
-    reserve: list[int]
 
 
 class ArenaWrites:
@@ -101,92 +59,44 @@ class ArenaWrites:
         #: Puts written into the arena.
         self.count = 0
 
-    def put_many(self, link: Link, items: Sequence[Item], durable: bool) -> list[str | None]:
+    def put_many(self, call: Call, items: Sequence[Item], durable: bool) -> list[str | None]:
         """Put each item (``meta.nbytes`` > 0); for each, the tier it went to, or
         None when the daemon could not reserve a block for it (larger than its
         top tier, which is full of pinned or busy chunks): a put through the
-        daemon then stores it elsewhere or says why not.
-
-        When this raises, any of the items may have been stored (as when puts
-        one at a time stop at an error): the requests in flight were sent."""
-        out: list[str | None] = [None] * len(items)
-        inflight: deque[_Sent] = deque()
-        blocks: list[int | None] = []
-        sizes: list[int] = []
-        try:
-            at = 0
-            for group in _groups(items):
-                blocks, sizes = [], []  # _claim keeps track of the blocks it takes until it returns
-                group_sizes = [meta.nbytes for _, meta, _ in group]
-                blocks, sizes = self._claim(link, group_sizes, inflight, out), group_sizes
-                for start, stop in _requests(sizes):
-                    self._send(link, group, sizes, blocks, at, start, stop, durable, inflight)
-                at += len(group)
-            while inflight:
-                self._settle(link, inflight, out)
-        except BaseException:
-            # The group's blocks not handed over are still this connection's.
-            self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
-            self._drain_after_error(link, inflight)
-            raise
+        daemon then stores it elsewhere or says why not."""
+        out: list[str | None] = []
+        for group in _groups(items):
+            out.extend(self._put_group(call, group, durable))
         return out
 
-    def _send(
-        self, link: Link, group: Sequence[Item], sizes: list[int], blocks: list[int | None],
-        at: int, start: int, stop: int, durable: bool, inflight: deque[_Sent],
-    ) -> None:
-        """Copy the group's items ``start:stop`` into their blocks and send the
-        request that hands them over (none when no item of them has a block);
-        the blocks handed over become None in ``blocks``."""
-        sent = _Sent([], [], [n for n in sizes[start:stop] if n <= self._arena.arena_bytes])
-        written = [
-            self._write(*group[i], off) for i in range(start, stop) if (off := blocks[i]) is not None
-        ]
-        if not written:
-            return
-        for i in range(start, stop):
-            if (off := blocks[i]) is not None:
-                sent.at.append(at + i)
-                sent.offsets.append(off)
-                blocks[i] = None
-        request = pb.ArenaPutRequest(items=written, durable=durable, release=self._take_doubtful(), reserve=sent.reserve)
+    def _put_group(self, call: Call, group: Sequence[Item], durable: bool) -> list[str | None]:
+        sizes = [meta.nbytes for _, meta, _ in group]
+        blocks = self._claim(call, sizes)
+        sent: list[tuple[int, pb.ArenaPutItem]] = []  # (index in group, item)
         try:
-            link.send(request)
+            for i, ((key_text, meta, payload), off) in enumerate(zip(group, blocks, strict=True)):
+                if off is not None:
+                    sent.append((i, self._write(key_text, meta, payload, off)))
         except BaseException:
-            self._doubtful.extend(sent.offsets)  # maybe sent in part: maybe consumed
+            self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
             raise
-        inflight.append(sent)
-
-    def _settle(self, link: Link, inflight: deque[_Sent], out: list[str | None] | None) -> None:
-        """Read the reply to the oldest request in flight: its items' tiers into
-        ``out`` (unless None), the blocks it reserved into those held."""
-        sent = inflight.popleft()
+        out: list[str | None] = [None] * len(group)
+        if not sent:
+            return out
+        request = pb.ArenaPutRequest(
+            items=[item for _, item in sent], durable=durable, release=self._take_doubtful(),
+            reserve=[n for n in sizes if n <= self._arena.arena_bytes],
+        )
         try:
-            reply = link.receive()
+            reply = call(request)
         except BaseException:
-            self._doubtful.extend(sent.offsets)
+            self._doubtful.extend(item.offset for _, item in sent)
             raise
-        self._blocks.extend(zip(reply.reserved, sent.reserve, strict=False))
-        if len(reply.results) != len(sent.at):
-            raise InvalidArgument(f"the daemon answered {len(reply.results)} direct writes of {len(sent.at)}")
-        self.count += len(sent.at)
-        if out is not None:
-            for i, result in zip(sent.at, reply.results, strict=True):
-                out[i] = result.tier
-
-    def _drain_after_error(self, link: Link, inflight: deque[_Sent]) -> None:
-        """Read the replies still due (the connection stays in step); once the
-        connection fails, the blocks of those left go to doubtful (the first
-        error is the one raised)."""
-        while inflight:
-            try:
-                self._settle(link, inflight, None)
-            except OSError:  # TimeoutError too: the channel is closed
-                for sent in inflight:
-                    self._doubtful.extend(sent.offsets)
-                inflight.clear()
-            except Exception:  # noqa: BLE001, S112 - that request's own error: the next reply is still due
-                continue
+        self._blocks.extend(zip(reply.reserved, request.reserve, strict=False))
+        self.count += len(sent)
+        for (i, _), result in zip(sent, reply.results, strict=True):
+            out[i] = result.tier
+        return out
 
     def _write(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, off: int) -> pb.ArenaPutItem:
         """Copy ``payload`` into the block at ``off``; the item that hands it over."""
@@ -200,21 +110,25 @@ class ArenaWrites:
         item.meta.checksum = summed
         return item
 
-    def _claim(self, link: Link, sizes: list[int], inflight: deque[_Sent], out: list[str | None]) -> list[int | None]:
-        """A block held for each size, taken out of :attr:`_blocks`, after reading
-        the replies in flight as far as they reserve what is missing; the sizes
-        none matches then are reserved first, in one request that gives back the
+    def _claim(self, call: Call, sizes: list[int]) -> list[int | None]:
+        """A block held for each size, taken out of :attr:`_blocks`; the sizes
+        none matches are reserved first, in one request that gives back the
         oldest blocks held of other sizes as far as needed to stay within
         :data:`MAX_HELD` blocks and :data:`GROUP_BYTES` bytes with this group's
         (reserved again ahead of the next put).  None for each when the daemon
         could not reserve them."""
-        taken, missing = self._take(sizes)
-        while missing and inflight:
-            self._blocks.extend((off, n) for off, n in zip(taken, sizes, strict=True) if off is not None)
-            self._settle(link, inflight, out)
-            taken, missing = self._take(sizes)
+        out: list[int | None] = []
+        missing: list[int] = []
+        for i, n in enumerate(sizes):
+            j = next((k for k, (_, size) in enumerate(self._blocks) if size == n), None)
+            if j is None:
+                out.append(None)
+                if n <= self._arena.arena_bytes:  # else it never fits: not asked
+                    missing.append(i)
+            else:
+                out.append(self._blocks.pop(j)[0])
         if not missing:
-            return taken
+            return out
         release = self._take_doubtful()
         group_bytes = sum(sizes)
         while self._blocks and (
@@ -223,35 +137,20 @@ class ArenaWrites:
         ):
             release.append(self._blocks.pop(0)[0])
         try:
-            reply = call(link, pb.ArenaPutRequest(reserve=[sizes[i] for i in missing], release=release))
+            reply = call(pb.ArenaPutRequest(reserve=[sizes[i] for i in missing], release=release))
         except CapacityError:
             self._doubtful.extend(release)
-            return taken
+            return out
         except BaseException:
             # The blocks taken for this group too: still held, unless the connection is gone.
-            self._doubtful.extend(release + [off for off in taken if off is not None])
+            self._doubtful.extend(release + [off for off in out if off is not None])
             raise
         if len(reply.reserved) != len(missing):
-            self._doubtful.extend([*reply.reserved, *(off for off in taken if off is not None)])
+            self._doubtful.extend([*reply.reserved, *(off for off in out if off is not None)])
             raise InvalidArgument(f"the daemon reserved {len(reply.reserved)} blocks for direct writes, not {len(missing)}")
         for i, off in zip(missing, reply.reserved, strict=True):
-            taken[i] = off
-        return taken
-
-    def _take(self, sizes: list[int]) -> tuple[list[int | None], list[int]]:
-        """A held block of each size (taken out of :attr:`_blocks`), or None;
-        and where none was held of a size that fits in the arena."""
-        taken: list[int | None] = []
-        missing: list[int] = []
-        for i, n in enumerate(sizes):
-            j = next((k for k, (_, size) in enumerate(self._blocks) if size == n), None)
-            if j is None:
-                taken.append(None)
-                if n <= self._arena.arena_bytes:  # else it never fits: not asked
-                    missing.append(i)
-            else:
-                taken.append(self._blocks.pop(j)[0])
-        return taken, missing
+            out[i] = off
+        return out
 
     def _take_doubtful(self) -> list[int]:
         out, self._doubtful = self._doubtful, []
@@ -260,28 +159,13 @@ class ArenaWrites:
     def _helper(self, n: int) -> ThreadPoolExecutor | None:
         return self._arena.helper() if n >= SPLIT_SUMMED else None
 
-    def give_back(self, link: Link) -> None:
+    def give_back(self, call: Call) -> None:
         """Give back the blocks held (the daemon would take them back when the
         connection closes, but not before this returns)."""
         release = self._take_doubtful() + [off for off, _ in self._blocks]
         self._blocks.clear()
         if release:
-            call(link, pb.ArenaPutRequest(release=release))
-
-
-def _requests(sizes: list[int]) -> list[tuple[int, int]]:
-    """A group's requests: ``(start, stop)`` of each, :data:`REQUEST_BYTES` or more
-    (the last one may be less)."""
-    out: list[tuple[int, int]] = []
-    start, total = 0, 0
-    for i, n in enumerate(sizes):
-        total += n
-        if total >= REQUEST_BYTES:
-            out.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
+            call(pb.ArenaPutRequest(release=release))
 
 
 def _groups(items: Sequence[Item]) -> list[Sequence[Item]]:

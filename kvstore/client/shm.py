@@ -251,20 +251,8 @@ class BlockingControlChannel:
             self._lock.release()
 
     def _call(self, kind: int, body: bytes) -> bytes:
-        self._send(kind, body)
-        return self._receive()
-
-    def _send(self, kind: int, body: bytes) -> None:
         try:
             self._sock.sendall(encode(kind, body))
-        except BaseException:
-            self.close()
-            raise
-
-    def _receive(self) -> bytes:
-        """The body of the next reply (replies come in the order of the requests);
-        raises the daemon's error in it."""
-        try:
             length, reply_kind = HEADER.unpack(self._recv(HEADER.size))
             if not 1 <= length <= MAX_BODY + 1:
                 raise ConnectionError(f"daemon sent a control message of {length} bytes")
@@ -329,7 +317,7 @@ class BlockingControlChannel:
         try:
             if self._writes is None:
                 self._writes = ArenaWrites(arena)
-            return self._writes.put_many(_WriteLink(self), items, durable)
+            return self._writes.put_many(self._arena_call, items, durable)
         except TimeoutError:
             raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._sock.gettimeout()} s") from None
         except (OSError, NotFound):
@@ -337,6 +325,8 @@ class BlockingControlChannel:
         finally:
             self._lock.release()
 
+    def _arena_call(self, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
+        return pb.ArenaPutReply.FromString(self._call(KIND_WRITE, request.SerializeToString()))
 
     @property
     def direct_writes(self) -> int:
@@ -422,26 +412,13 @@ class BlockingControlChannel:
             try:
                 # Best effort: the daemon takes back what a connection holds when it closes.
                 with contextlib.suppress(OSError, KVStoreError):
-                    self._writes.give_back(_WriteLink(self))
+                    self._writes.give_back(self._arena_call)
             finally:
                 self._lock.release()
         self.broken = True
         self._sock.close()
         if self.arena is not None:
             self.arena.close()
-
-
-class _WriteLink:
-    """A channel as :class:`ArenaWrites` uses it (its caller holds the channel's lock)."""
-
-    def __init__(self, channel: BlockingControlChannel) -> None:
-        self._channel = channel
-
-    def send(self, request: pb.ArenaPutRequest) -> None:
-        self._channel._send(KIND_WRITE, request.SerializeToString())  # noqa: SLF001 - the channel's own helper
-
-    def receive(self) -> pb.ArenaPutReply:
-        return pb.ArenaPutReply.FromString(self._channel._receive())  # noqa: SLF001
 
 
 def _close_all(fds: list[int]) -> None:

@@ -14,8 +14,7 @@ key's chunk as a put would (eviction order, quotas, replacing an older value,
 write-through to lower tiers, the direct-read index) without reading it.  One
 request hands over up to :data:`MAX_HELD` blocks (a batch: ``put_many``), and
 reserves the blocks for the client's next put, so a client putting batches of
-one shape pays one round trip a batch (its requests pipelined: the client
-reads the replies after sending the last).  Those reservations evict as the next
+one shape pays one round trip a batch.  Those reservations evict as the next
 put would (one put early) but never a chunk the same request stored: when
 only that would make room, the reply reserves fewer (a prefix of what was
 asked, maybe none) and the next put reserves the rest first (a second round

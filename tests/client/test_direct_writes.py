@@ -7,10 +7,10 @@ stored bytes; other clients (direct reads, the byte stream) see each put and
 overwrite at once; changing sizes leaks no reserved block; the config switch,
 the client switch and a token file each turn it off and puts still work;
 threads sharing a client all get their values stored; a dead daemon gives an
-error, not a hang; a batch (``put_many``) takes the requests of its groups
-of chunks, pipelined, in the order given, with what cannot be written
-directly put the ordinary way; a request the daemon refuses mid-batch stores
-none of its chunks and all the others, and leaves the connection in step.
+error, not a hang; a batch (``put_many``) takes one request per group of
+chunks, in the order given, with what cannot be written directly put the
+ordinary way; a group the daemon refuses mid-batch stores none of its chunks,
+keeps those stored before it, and leaves the connection in step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import kvstore
 from kvstore.admin.client import AdminClient
 from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.client import shm
-from kvstore.client.arena_writes import GROUP_BYTES, REQUEST_BYTES
+from kvstore.client.arena_writes import GROUP_BYTES
 from kvstore.server.direct_writes import MAX_HELD
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.v1 import kvstore_pb2 as pb
@@ -171,7 +171,7 @@ def test_a_value_larger_than_the_cpu_tier_goes_below_it(tmp_path: Path) -> None:
             assert c.direct_writes == 1
 
 
-def test_a_batch_takes_the_requests_of_its_groups(tmp_path: Path) -> None:
+def test_a_batch_is_one_request_per_group(tmp_path: Path) -> None:
     port = free_port()
     with DaemonProcess(tmp_path, cpu_only("256MiB", metrics_port=port)) as d:
 
@@ -183,18 +183,13 @@ def test_a_batch_takes_the_requests_of_its_groups(tmp_path: Path) -> None:
         with kvstore.Client(d.address) as c:
             c.put(key(0, model="batch"), b"registers the segment")
             n = 3 * MAX_HELD + 1  # four groups
-            size = MiB + 256
-            per_request = -(-REQUEST_BYTES // size)
-            writes = 3 * -(-MAX_HELD // per_request) + 1
-            assert writes > 4  # the groups are cut into several requests each
             for rnd in range(3):
-                values = [torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g) for _ in range(n)]
+                values = [torch.randint(0, 256, (MiB + 256,), dtype=torch.uint8, generator=g) for _ in range(n)]
                 keys = [key(1000 * rnd + i, model="batch") for i in range(n)]
                 before = requests()
                 assert c.put_many(list(zip(keys, values, strict=True))) == ["cpu"] * n
-                # The first group reserves its blocks first; every other finds them
-                # reserved (by the replies to the group before it).
-                assert requests() - before == writes + (1 if rnd == 0 else 0)
+                # The first group reserves its blocks first; every other finds them reserved.
+                assert requests() - before == (5 if rnd == 0 else 4)
                 for k, v in zip(keys, values, strict=True):
                     out = torch.empty_like(v)
                     meta = c.get_into(k, out)
@@ -202,46 +197,47 @@ def test_a_batch_takes_the_requests_of_its_groups(tmp_path: Path) -> None:
             assert c.direct_writes == 3 * n  # the first put registered the segment
 
 
-def test_a_request_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon refuses the second request of a batch (a key spoilt on its way
-    out): its chunks are not stored, those of every other request are, the
-    error is raised, and the connection stays in step: the blocks the refused
-    request named are given back, and the next batch is stored."""
+def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon refuses the second group's request (a key spoilt on its way
+    out): its chunks are not stored, the first group's are, the error is
+    raised, and the connection stays in step: the blocks the refused request
+    named are given back, and the next batch is stored."""
     sent: list[int] = []
+    call = shm.BlockingControlChannel._arena_call
 
-    class SpoilsTheSecond(shm._WriteLink):
-        def send(self, request: pb.ArenaPutRequest) -> None:
-            if request.items:
-                sent.append(len(request.items))
-                if len(sent) == 2:
-                    request.items[0].key = "not/a/key"
-            super().send(request)
+    def spoils_the_second(self: shm.BlockingControlChannel, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
+        if request.items:
+            sent.append(len(request.items))
+            if len(sent) == 2:
+                request.items[0].key = "not/a/key"
+        return call(self, request)
 
+    n = 2 * MAX_HELD
     g = torch.Generator().manual_seed(9)
-    values = [torch.randint(0, 256, (MiB,), dtype=torch.uint8, generator=g) for _ in range(MAX_HELD)]
-    keys = [key(i, model="refused") for i in range(MAX_HELD)]
+    values = [torch.randint(0, 256, (MiB,), dtype=torch.uint8, generator=g) for _ in range(n)]
+    keys = [key(i, model="refused") for i in range(n)]
     with DaemonProcess(tmp_path, cpu_only("256MiB")) as d:
         with kvstore.Client(d.address) as c:
             c.put(key(100, model="refused"), b"registers the segment")
-            monkeypatch.setattr(shm, "_WriteLink", SpoilsTheSecond)
+            monkeypatch.setattr(shm.BlockingControlChannel, "_arena_call", spoils_the_second)
             with pytest.raises(InvalidArgument, match=r"items\[0\]\.key"):
                 c.put_many(list(zip(keys, values, strict=True)))
-            assert len(sent) > 2  # the requests after the refused one were sent before its reply was read
-            refused = range(sent[0], sent[0] + sent[1])
+            assert sent == [MAX_HELD, MAX_HELD]
             out = torch.empty(MiB, dtype=torch.uint8)
             for i, (k, v) in enumerate(zip(keys, values, strict=True)):
                 meta = c.get_into(k, out)
-                if i in refused:
+                if i >= MAX_HELD:
                     assert meta is None, i
                 else:
                     assert meta is not None and torch.equal(out, v), i
             monkeypatch.undo()
             again = [v.flip(0) for v in values]
-            assert c.put_many(list(zip(keys, again, strict=True))) == ["cpu"] * MAX_HELD
+            assert c.put_many(list(zip(keys, again, strict=True))) == ["cpu"] * n
+            assert c.direct_writes == MAX_HELD + n  # the first put registered the segment
             for k, v in zip(keys, again, strict=True):
                 assert c.get_into(k, out) is not None and torch.equal(out, v)
         nbytes, chunks = used(d.address)
-        assert chunks == MAX_HELD + 1 and MAX_HELD * MiB <= nbytes <= MAX_HELD * MiB + 4096
+        assert chunks == n + 1 and n * MiB <= nbytes <= n * MiB + 4096
 
 
 def test_a_batch_of_mixed_sizes_and_values(tmp_path: Path) -> None:
