@@ -31,26 +31,30 @@ DEADLINE_EXCEEDED; anything else that goes wrong with the connection
 not expect) raises :class:`FallBack`, and the caller repeats the call
 through grpcio, which owns retries and the UNAVAILABLE semantics.  After any
 error the connection is closed; the next call opens a new one.
+
+Around it: kvstore/client/h2wire.py (the buffered socket, the TCP connection,
+the framing and protobuf layout facts the reader needs) and
+kvstore/client/h2channel.py (the client's one connection, opened on first
+use, moved to the daemon's Get listener, watched between calls).
 """
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections.abc import Callable, Sequence
 from urllib.parse import unquote
 
 import hpack
 
+from kvstore.client.h2wire import BUFFER, BufferedSocket, FallBack, connect, data_prefix, frame_header, inline_data_at, varint_len
 from kvstore.errors import KVStoreError, error_for_status
 from kvstore.http2 import (
-    ACK, ASK_HEADER, CONTINUATION, DATA, END_HEADERS, END_STREAM, GET_PATH, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, PADDED, PING, PORT_HEADER,
+    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GET_PATH, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, PADDED, PING, PORT_HEADER,
     PREFACE, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_FRAME_SIZE, STATUS_NAMES, WINDOW_UPDATE, frame, grpc_timeout, literal, parse_frame_header,
+    SETTINGS_MAX_FRAME_SIZE, STATUS_NAMES, WINDOW_UPDATE, frame, grpc_timeout, literal,
     stateless_fields,
 )
 from kvstore.v1 import kvstore_pb2 as pb
@@ -63,10 +67,6 @@ MAX_REQUEST = 16 << 10
 MAX_MESSAGE = (64 << 20) + (64 << 10)
 #: Window given back in one WINDOW_UPDATE once this much was received.
 REFILL = 1 << 30
-#: Receive buffer for frame headers and small messages; payloads bypass it.
-BUFFER = 256 << 10
-#: SO_RCVBUF of the connection (the kernel caps it at net.core.rmem_max).
-SOCKET_BUFFER = 4 << 20
 #: Bytes of a header message read before looking for its inline data (far more than its small fields).
 HEADER_PEEK = 4 << 10
 
@@ -78,87 +78,8 @@ _HTTP_STATUS = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED
 Destination = Callable[[pb.GetHeader], memoryview]
 
 
-class FallBack(Exception):
-    """The connection failed in a way grpcio handles better (retries, UNAVAILABLE): repeat the call there."""
-
-
 class _StreamEnded(Exception):
     """Trailers arrived: the reply has no more messages."""
-
-
-class _Socket:
-    """A socket with a small receive buffer, and reads that bypass it into a caller's buffer."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = bytearray(BUFFER)
-        self._view = memoryview(self._buf)
-        self._pos = 0
-        self._end = 0
-        self.deadline = float("inf")
-
-    def _recv(self, into: memoryview) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.sock.settimeout(left)
-        n = self.sock.recv_into(into)
-        if n == 0:
-            raise ConnectionError("the daemon closed the connection")
-        return n
-
-    def take(self, n: int) -> bytes:
-        """The next ``n`` bytes (``n`` <= BUFFER)."""
-        if self._end - self._pos < n:
-            if self._pos + n > BUFFER:
-                held = self._end - self._pos
-                self._view[:held] = self._view[self._pos : self._end]
-                self._pos, self._end = 0, held
-            while self._end - self._pos < n:
-                self._end += self._recv(self._view[self._end :])
-        out = bytes(self._view[self._pos : self._pos + n])
-        self._pos += n
-        return out
-
-    def read_into(self, dst: memoryview) -> None:
-        """Fill ``dst``: what is buffered, then straight from the socket."""
-        k = min(self._end - self._pos, len(dst))
-        if k:
-            dst[:k] = self._view[self._pos : self._pos + k]
-            self._pos += k
-        if self._pos == self._end:
-            self._pos = self._end = 0
-        while k < len(dst):
-            k += self._recv(dst[k:])
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            k = min(n, BUFFER)
-            self.take(k)
-            n -= k
-
-    def buffered(self) -> int:
-        return self._end - self._pos
-
-    def peek(self, n: int) -> bytes:
-        return bytes(self._view[self._pos : self._pos + n])
-
-    def read_available(self) -> None:
-        """Buffer what has arrived, without waiting; ConnectionError on EOF."""
-        if self._pos:
-            held = self._end - self._pos
-            self._view[:held] = self._view[self._pos : self._end]
-            self._pos, self._end = 0, held
-        if self._end == BUFFER:
-            return
-        self.sock.settimeout(0.0)
-        try:
-            n = self.sock.recv_into(self._view[self._end :])
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return
-        if n == 0:
-            raise ConnectionError("the daemon closed the connection")
-        self._end += n
 
 
 class H2GetConnection:
@@ -173,7 +94,7 @@ class H2GetConnection:
         server_hostname: str | None = None,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        raw = _connect(host, port, connect_timeout_s)
+        raw = connect(host, port, connect_timeout_s)
         try:
             sock: socket.socket = raw
             if tls is not None:
@@ -194,7 +115,7 @@ class H2GetConnection:
         except BaseException:
             raw.close()
             raise
-        self._sock = _Socket(sock)
+        self._sock = BufferedSocket(sock)
         self._decoder = hpack.Decoder()
         self._scheme = "https" if tls is not None else "http"
         self._authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -253,7 +174,7 @@ class H2GetConnection:
         try:
             self._sock.read_available()
             while self._sock.buffered() >= 9:
-                length, kind, flags, _ = _frame_header(self._sock.peek(9))
+                length, kind, flags, _ = frame_header(self._sock.peek(9))
                 if self._sock.buffered() < 9 + length:
                     if 9 + length > BUFFER:
                         self.close()  # nothing that large comes between calls
@@ -357,11 +278,11 @@ class H2GetConnection:
         the caller to read straight into place."""
         head = self._take(min(size, HEADER_PEEK))
         if len(head) < size:
-            found = _inline_data_at(head, size)
+            found = inline_data_at(head, size)
             if found is not None:
                 fields_at, data_at, data_len = found
                 try:
-                    header = pb.GetHeader.FromString(head[fields_at : data_at - 1 - _varint_len(data_len)])
+                    header = pb.GetHeader.FromString(head[fields_at : data_at - 1 - varint_len(data_len)])
                 except Exception as exc:  # DecodeError
                     raise FallBack(f"undecodable GetHeader: {exc}") from None
                 inline = head[data_at:]
@@ -386,7 +307,7 @@ class H2GetConnection:
             # The daemon's data frames are exactly tag 0x12, a varint length,
             # the payload: read the payload straight into place.
             head = self._take(min(size, 11))
-            length, used = _data_prefix(head)
+            length, used = data_prefix(head)
             if length is not None and used + length == size:
                 if filled + length > len(dst):
                     raise FallBack(f"the daemon sent more bytes than chunk {key} has")
@@ -483,7 +404,7 @@ class H2GetConnection:
     def _next_data(self) -> None:
         """Handle frames until a DATA frame of our stream with payload; _StreamEnded on trailers."""
         while True:
-            length, kind, flags, stream = _frame_header(self._sock.take(9))
+            length, kind, flags, stream = frame_header(self._sock.take(9))
             if kind == DATA:
                 self._window(length, stream)
                 pad = 0
@@ -551,7 +472,7 @@ class H2GetConnection:
             raise FallBack("malformed HEADERS frame")
         block = [payload[start:end]]
         while not flags & END_HEADERS:
-            length, kind, flags, _ = _frame_header(self._sock.take(9))
+            length, kind, flags, _ = frame_header(self._sock.take(9))
             if kind != CONTINUATION:
                 raise FallBack("HEADERS not followed by CONTINUATION")
             block.append(b"".join(self._chunks(length)))
@@ -583,247 +504,3 @@ class H2GetConnection:
                 self._stream_received = 0
         if updates:
             self._sock.sock.sendall(updates)
-
-
-class H2GetChannel:
-    """The client's HTTP/2 connection for gets: opened on first use, carrying one call
-    at a time, and watched between calls by a thread that runs
-    :meth:`H2GetConnection.serve_idle` once the connection has been quiet for
-    :data:`IDLE_S` (so back-to-back calls never wake it)."""
-
-    #: Quiet time after which the watcher looks at the connection.
-    IDLE_S = 0.1
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        connect_timeout_s: float = 5.0,
-    ) -> None:
-        self._target = (host, port)
-        self._tls = tls
-        self._server_hostname = server_hostname
-        self._connect_timeout = connect_timeout_s
-        self._conn: H2GetConnection | None = None
-        self._cv = threading.Condition()
-        self._busy = False
-        self._closed = False
-        self._calls = 0
-        self._watcher: threading.Thread | None = None
-        #: Calls this channel completed (the others went back to the caller as None).
-        self.served = 0
-        #: The port of the connection in use: the daemon's gRPC port or its HTTP/2 Get listener.
-        self.port = port
-        #: The listener's port, once the daemon named it (kvstore/server/h2get.py).
-        self._fast: int | None = None
-        self._learn = True  # ask the daemon for it on the next call to the gRPC port
-        self._unreachable: set[int] = set()
-
-    def get(
-        self,
-        request: pb.GetRequest,
-        *,
-        metadata: Sequence[tuple[str, str]],
-        timeout_s: float,
-        destination: Destination,
-    ) -> list[tuple[pb.GetHeader, memoryview | None]] | None:
-        """:meth:`H2GetConnection.get`, or None: the channel is busy with another
-        thread's call, closed, or the connection failed (see :class:`FallBack`)."""
-        with self._cv:
-            if self._busy or self._closed:
-                return None
-            self._busy = True
-            self._calls += 1
-        try:
-            conn = self._connection()
-            if conn is None:
-                return None
-            ask = self._learn and self._fast is None
-            try:
-                got = conn.get(
-                    request, metadata=[*metadata, (ASK_HEADER, "1")] if ask else metadata, timeout_s=timeout_s,
-                    destination=destination,
-                )
-            except FallBack:
-                return None
-            self.served += 1
-            if ask:
-                port = conn.advertised_port
-                self._learn = False
-                if port is not None and port != self._target[1] and port not in self._unreachable:
-                    self._fast = port  # the next call opens a connection there
-                    self._conn = None
-                    conn.close()
-            return got
-        finally:
-            with self._cv:
-                self._busy = False
-
-    def _connection(self) -> H2GetConnection | None:
-        """The open connection, or a new one: to the listener if known, else (or if it
-        cannot be reached) to the gRPC port; None if neither can be opened."""
-        conn = self._conn
-        if conn is not None and not conn.broken:
-            return conn
-        self._conn = None
-        while True:
-            port = self._fast or self._target[1]
-            try:
-                conn = H2GetConnection(
-                    self._target[0], port, tls=self._tls, server_hostname=self._server_hostname,
-                    connect_timeout_s=self._connect_timeout,
-                )
-            except OSError:
-                if self._fast is None:
-                    return None
-                # Gone (a restarted daemon listens elsewhere) or filtered: ask again, never for this port.
-                self._unreachable.add(self._fast)
-                self._fast, self._learn = None, True
-                continue
-            break
-        self._conn = conn
-        self.port = port
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="kvstore-h2get", daemon=True)
-            self._watcher.start()
-        return conn
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            conn, self._conn = self._conn, None
-            self._cv.notify_all()
-        if conn is not None:
-            conn.close()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(2.0)
-
-    def _watch(self) -> None:
-        seen = -1
-        while True:
-            with self._cv:
-                if self._closed:
-                    return
-                conn = self._conn
-                if self._busy or conn is None or conn.broken or self._calls != seen:
-                    seen = self._calls
-                    self._cv.wait(self.IDLE_S)  # only close() notifies
-                    continue
-            try:
-                ready = conn.pending() or bool(select.select([conn.fileno()], [], [], 0.5)[0])
-            except (OSError, ValueError):  # closed meanwhile
-                ready = True
-            if not ready:
-                continue
-            with self._cv:
-                if self._busy or self._closed or self._conn is not conn:
-                    continue
-                self._busy = True
-            try:
-                conn.serve_idle()
-            finally:
-                with self._cv:
-                    self._busy = False
-
-
-def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
-    """A TCP connection with TCP_NODELAY and a receive buffer set before connecting
-    (so that the window it advertises is large from the start): a 1 MiB reply then
-    arrives without the sender pacing it (loopback here: 0.24 against 0.35-0.40 ms)."""
-    error: OSError | None = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            sock.settimeout(timeout_s)
-            sock.connect(address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error or OSError(f"{host}: no address to connect to")
-
-
-def _frame_header(raw: bytes) -> tuple[int, int, int, int]:
-    got = parse_frame_header(raw)
-    if got[0] > MAX_FRAME:
-        raise FallBack(f"frame of {got[0]} bytes, larger than the {MAX_FRAME} allowed")
-    return got
-
-
-def _data_prefix(head: bytes) -> tuple[int | None, int]:
-    """(payload length, bytes of tag + varint) when ``head`` starts a ``data`` field, else (None, 0)."""
-    if not head or head[0] != 0x12:
-        return None, 0
-    got = _varint(head, 1)
-    return (None, 0) if got is None else got
-
-
-def _varint(raw: bytes, at: int) -> tuple[int, int] | None:
-    """(value, position after it) of the varint at ``at``, or None if ``raw`` ends first."""
-    n = shift = 0
-    for i in range(at, min(len(raw), at + 10)):
-        b = raw[i]
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i + 1
-        shift += 7
-    return None
-
-
-def _varint_len(n: int) -> int:
-    return max(1, -(-n.bit_length() // 7))
-
-
-def _inline_data_at(head: bytes, size: int) -> tuple[int, int, int] | None:
-    """Where ``head`` (the first bytes of a message of ``size`` bytes) has a
-    ``GetFrame{header}`` whose last field is ``GetHeader.data`` running to the
-    end of the message: (start of the header's fields, start of the data, data
-    length); None when it is not laid out so (the caller then parses it whole)."""
-    if not head or head[0] != 0x0A:
-        return None
-    got = _varint(head, 1)
-    if got is None or got[1] + got[0] != size:
-        return None
-    fields_at = pos = got[1]
-    while pos < len(head):
-        tag_at = _varint(head, pos)
-        if tag_at is None:
-            return None
-        tag, pos = tag_at
-        wire = tag & 7
-        if wire == 0:
-            skip = _varint(head, pos)
-            if skip is None:
-                return None
-            pos = skip[1]
-        elif wire == 2:
-            length = _varint(head, pos)
-            if length is None:
-                return None
-            if tag == 0x2A:  # GetHeader.data
-                data_at = length[1]
-                return (fields_at, data_at, length[0]) if data_at + length[0] == size else None
-            pos = length[1] + length[0]
-        else:
-            return None  # GetHeader has no fixed-width fields
-    return None
-
-
-def parse_address(address: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` -> (host, port); None for other gRPC targets (dns:///, unix:, ...)."""
-    if "/" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")):
-        return None
-    if address.startswith("["):
-        host, sep, port = address[1:].partition("]:")
-    else:
-        host, sep, port = address.rpartition(":")
-        if ":" in host:
-            return None
-    if not sep or not host or not port.isdigit():
-        return None
-    return host, int(port)

@@ -48,7 +48,7 @@ import torch
 from kvstore.chunk import ChunkMeta
 from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
 from kvstore.client.arena_writes import filled, not_written
-from kvstore.client.h2get import H2GetChannel, parse_address
+from kvstore.client.h2channel import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
 from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status

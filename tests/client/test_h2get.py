@@ -18,7 +18,9 @@ import torch
 import yaml
 
 import kvstore
-from kvstore.client.h2get import H2GetConnection, _data_prefix, _inline_data_at, parse_address
+from kvstore.client.h2channel import parse_address
+from kvstore.client.h2get import H2GetConnection
+from kvstore.client.h2wire import data_prefix, inline_data_at
 from kvstore.http2 import hpack_int as _hpack_int, literal as _literal
 from kvstore.server.frames import HeaderWithData, _varint, encode
 from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
@@ -183,10 +185,10 @@ def test_data_frame_prefixes() -> None:
     for n in (0, 1, 127, 128, 1 << 20, (64 << 20) + 5):
         raw = pb.GetFrame(data=b"\0" * n).SerializeToString() if n < 4096 else None
         if raw is not None:
-            assert _data_prefix(raw[:11]) == (n, len(raw) - n)
-    assert _data_prefix(b"\x12\x80\x80\x04") == (1 << 16, 4)
-    assert _data_prefix(pb.GetFrame(header=pb.GetHeader(key="k")).SerializeToString()) == (None, 0)
-    assert _data_prefix(b"\x12\x80") == (None, 0)  # varint cut short
+            assert data_prefix(raw[:11]) == (n, len(raw) - n)
+    assert data_prefix(b"\x12\x80\x80\x04") == (1 << 16, 4)
+    assert data_prefix(pb.GetFrame(header=pb.GetHeader(key="k")).SerializeToString()) == (None, 0)
+    assert data_prefix(b"\x12\x80") == (None, 0)  # varint cut short
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 5000, 1 << 20])
@@ -196,7 +198,7 @@ def test_a_header_with_inline_data_is_found_in_its_first_bytes(n: int) -> None:
     raw = encode(HeaderWithData(header, memoryview(data)))
     parsed = pb.GetFrame.FromString(raw)  # what any gRPC client reads
     assert parsed.header.data == data and parsed.header.key == header.key and parsed.header.meta.nbytes == n + 9
-    fields_at, data_at, length = _inline_data_at(raw[:4096], len(raw)) or (0, 0, -1)
+    fields_at, data_at, length = inline_data_at(raw[:4096], len(raw)) or (0, 0, -1)
     assert length == n and raw[data_at:] == data
     assert pb.GetHeader.FromString(raw[fields_at : data_at - 1 - len(_varint(n))]) == header
 
@@ -207,10 +209,10 @@ def test_other_layouts_are_left_to_the_whole_message_parse() -> None:
     body = b"\x2a\x03abc" + header.SerializeToString()
     raw = b"\x0a" + bytes([len(body)]) + body
     assert pb.GetFrame.FromString(raw).header.data == b"abc"
-    assert _inline_data_at(raw[:4], len(raw)) is None
-    assert _inline_data_at(raw, len(raw) + 1) is None  # the frame's length disagrees
-    assert _inline_data_at(b"\x12\x03abc", 5) is None  # a data frame
-    assert _inline_data_at(b"\x0a", 9) is None  # cut short
+    assert inline_data_at(raw[:4], len(raw)) is None
+    assert inline_data_at(raw, len(raw) + 1) is None  # the frame's length disagrees
+    assert inline_data_at(b"\x12\x03abc", 5) is None  # a data frame
+    assert inline_data_at(b"\x0a", 9) is None  # cut short
 
 
 @pytest.mark.parametrize(
