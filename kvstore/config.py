@@ -97,6 +97,19 @@ def _seconds(value: object, field_name: str) -> float:
     return out
 
 
+def _share(value: object, field_name: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field_name}: expected a fraction in (0, 1] such as 0.5, got {value!r}") from None
+    if not 0 < out <= 1:
+        raise ConfigError(f"{field_name}: expected a fraction in (0, 1] such as 0.5, got {out}")
+    return out
+
+
 def _str(value: object, field_name: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ConfigError(f"{field_name}: expected a string, got {value!r}")
@@ -195,6 +208,10 @@ class ServerConfig:
     #: and one round trip a put (kvstore/server/direct_writes.py); needs shm_direct_reads,
     #: only without token_file; the daemon trusts their checksums.
     shm_direct_writes: bool = True
+    #: The share of the CPU tier's capacity that the blocks reserved for direct writes (for
+    #: clients' next puts, holding no chunk yet) may take, all clients together; past it,
+    #: puts go through the daemon.  Bounds what many idle clients can take from the cache.
+    shm_reserved_share: float = 0.5
     #: Serve Get also on a listener of kvstore's own (HTTP/2, the same gRPC method, without
     #: grpcio's per-call costs; kvstore/server/h2get.py), whose port the daemon tells clients.
     http2_get: bool = True
@@ -224,6 +241,7 @@ class ServerConfig:
         _int(self.max_chunk_bytes, "server.max_chunk_bytes", 1, 1 << 40)
         _int(self.max_batch, "server.max_batch", 1, 1 << 24)
         _int(self.max_concurrent_streams, "server.max_concurrent_streams", 1, 1 << 16)
+        _share(self.shm_reserved_share, "server.shm_reserved_share")
         if not 0 <= self.grace_s <= 3600:
             raise ConfigError(f"server.grace_s: expected seconds in [0, 3600], got {self.grace_s}")
         _int(self.metrics_port, "server.metrics_port", 0, 65535)
@@ -422,7 +440,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 # -- building ---------------------------------------------------------------
 _SERVER_FIELDS = {
     "host", "port", "frame_bytes", "max_chunk_bytes", "max_batch", "token_file", "tls", "shm", "shm_direct_reads",
-    "shm_direct_writes", "http2_get", "http2_get_port", "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
+    "shm_direct_writes", "shm_reserved_share", "http2_get", "http2_get_port", "max_concurrent_streams", "grace_s", "metrics_port", "metrics_host", "limits",
 }
 _LIMITS_FIELDS = {"max_memory", "max_inflight", "max_streams_per_client", "stream_wait_s", "tenant_quotas"}
 #: TierConfig field -> its name in a config file, for the remote-tier options.
@@ -463,6 +481,7 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
         shm=_bool(d.get("shm", True), "server.shm"),
         shm_direct_reads=_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
         shm_direct_writes=_bool(d.get("shm_direct_writes", True), "server.shm_direct_writes"),
+        shm_reserved_share=_share(d.get("shm_reserved_share", 0.5), "server.shm_reserved_share"),
         http2_get=_bool(d.get("http2_get", True), "server.http2_get"),
         http2_get_port=_int(d.get("http2_get_port", 0), "server.http2_get_port", 0, 65535),
         max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),

@@ -173,6 +173,10 @@ CASES: dict[str, tuple[Any, str]] = {
     "max_chunk zero": (lambda t: t["server"].update(max_chunk_bytes=0), "server.max_chunk_bytes"),
     "shm not a bool": (lambda t: t["server"].update(shm="maybe"), "server.shm"),
     "grace negative": (lambda t: t["server"].update(grace_s=-1), "server.grace_s"),
+    "reserved share zero": (lambda t: t["server"].update(shm_reserved_share=0), "server.shm_reserved_share"),
+    "reserved share over one": (lambda t: t["server"].update(shm_reserved_share=1.5), "server.shm_reserved_share"),
+    "reserved share not a number": (lambda t: t["server"].update(shm_reserved_share="half"), "server.shm_reserved_share"),
+    "reserved share boolean": (lambda t: t["server"].update(shm_reserved_share=True), "server.shm_reserved_share"),
     "missing token file": (lambda t: t["server"].update(token_file="/nonexistent/tokens.yaml"), "server.token_file"),
     "tls cert without key": (lambda t: t["server"].update(tls={"cert": __file__}), "server.tls"),
     "tls missing file": (
@@ -232,6 +236,9 @@ def test_env_values_are_validated_too() -> None:
         load(environ={"KVSTORE_SERVER__PORT": "not-a-port"})
     with pytest.raises(ConfigError, match="tiers.cpu.capacity"):
         load(environ={"KVSTORE_TIERS__CPU__CAPACITY": "2 parsecs"})
+    with pytest.raises(ConfigError, match="server.shm_reserved_share"):
+        load(environ={"KVSTORE_SERVER__SHM_RESERVED_SHARE": "2"})
+    assert load(environ={"KVSTORE_SERVER__SHM_RESERVED_SHARE": "0.25"}).server.shm_reserved_share == 0.25
 
 
 def test_default_tree_is_a_fresh_copy() -> None:

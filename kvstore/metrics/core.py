@@ -111,6 +111,8 @@ class Snapshot:
     shared_reads: int
     #: Puts clients wrote into the shared arena themselves (direct writes; in the tier's writes too).
     direct_writes: int
+    #: Bytes of the shared arena held reserved for clients' next direct writes.
+    direct_write_reserved_bytes: int
     #: Chunks the shared tier could not publish for direct reads (an index bucket was full).
     shared_unpublished: int
     pins: int
@@ -138,6 +140,7 @@ class Metrics:
         self.lookup_hits = 0
         self.shared_reads = 0
         self.direct_writes = 0
+        self.direct_write_reserved_bytes = 0
         self._reads: dict[str, IOCounter] = defaultdict(IOCounter)
         self._writes: dict[str, IOCounter] = defaultdict(IOCounter)
         self._ns: dict[Namespace, _NsTraffic] = defaultdict(_NsTraffic)
@@ -270,6 +273,7 @@ class Metrics:
             lookup_hits=self.lookup_hits,
             shared_reads=self.shared_reads,
             direct_writes=self.direct_writes,
+            direct_write_reserved_bytes=self.direct_write_reserved_bytes,
             shared_unpublished=self._shared_unpublished(),
             pins=stats.pins,
             uptime_s=time.monotonic() - self._started,

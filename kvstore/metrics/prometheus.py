@@ -53,6 +53,11 @@ def _global_families(s: Snapshot) -> Iterator[Metric]:
         [], [([], s.direct_writes)],
     )
     yield _family(
+        G, "kvstore_direct_write_reserved_bytes",
+        "Bytes of the shared CPU arena reserved for clients' next direct writes (all connections; counted as used).",
+        [], [([], s.direct_write_reserved_bytes)],
+    )
+    yield _family(
         C, "kvstore_shared_unpublished",
         "Puts into the CPU tier not published for direct reads (their index bucket was full): gets of those chunks use a request.",
         [], [([], s.shared_unpublished)],

@@ -153,6 +153,7 @@ class Daemon:
             shm=cfg.server.shm,
             shm_direct_reads=cfg.server.shm_direct_reads,
             shm_direct_writes=cfg.server.shm_direct_writes,
+            shm_reserved_share=cfg.server.shm_reserved_share,
             max_concurrent_streams=cfg.server.max_concurrent_streams,
             metrics=self.metrics,
             limits=cfg.server.limits,

@@ -31,7 +31,12 @@ never do.
 Reserved blocks belong to the connection that reserved them (at most
 :data:`MAX_HELD` at a time, each at most ``max_chunk_bytes``); they count as
 used in the tier, and go back to it when given back (``release``) or when the
-connection ends.  A request is checked whole before anything in it is done:
+connection ends.  All connections together hold at most a share of the
+tier's capacity (``server.shm_reserved_share``): reserved blocks hold no
+chunk, and without that bound many clients, each holding blocks for its next
+put, would evict the cache they are there to fill.  A reservation past it is
+refused as one that cannot be made (RESOURCE_EXHAUSTED alone, fewer blocks
+with items): those values then go through the daemon.  A request is checked whole before anything in it is done:
 a bad item, or a block the connection does not hold, stores nothing and
 keeps the connection's blocks as they were.  ``release`` ignores offsets the
 connection does not hold, so a client that is not sure whether a failed put
@@ -76,6 +81,7 @@ class DirectWrites:
         *,
         max_chunk_bytes: int,
         max_batch: int,
+        reserved_share: float = 0.5,
         why_not: Callable[[], str | None],
     ) -> None:
         self._store = store
@@ -83,6 +89,8 @@ class DirectWrites:
         self._metrics = metrics
         self._max_chunk = max_chunk_bytes
         self._max_batch = max_batch
+        #: The share of the tier's capacity all connections may hold reserved together.
+        self._reserved_share = reserved_share
         #: Why direct writes are not offered now (None: they are).
         self._why_not = why_not
 
@@ -101,8 +109,8 @@ class DirectWrites:
         self.refuse()
         items = self._check(request, principal, held)
         for off in request.release:
-            if held.pop(off, None) is not None:
-                self._store.release(off)
+            if off in held:
+                self._give_back(held, off)
         started = time.perf_counter()
         results = []
         written: list[tuple[ChunkKey, str, int]] = []
@@ -111,7 +119,7 @@ class DirectWrites:
             await self._limits.make_room_for_tenant(key, meta.nbytes)
             tier = await self._store.put_reserved(
                 key, off, meta, durable=request.durable,
-                adopted=functools.partial(held.pop, off),  # the chunk's block from then on
+                adopted=functools.partial(self._adopted, held, off),  # the chunk's block from then on
             )
             results.append(pb.PutResult(key=str(key), tier=tier))
             written.append((key, tier, meta.nbytes))
@@ -122,17 +130,37 @@ class DirectWrites:
         stored = [key for key, _, _ in items]
         for nbytes in request.reserve:
             try:
-                off = await self._store.reserve(nbytes, keep=stored)
+                off = await self._reserve(nbytes, stored)
             except CapacityError:
                 if stored:
                     break  # ahead of a put: only what evicts nothing just stored
                 for given in reply.reserved:  # alone: all or none
-                    del held[given]
-                    self._store.release(given)
+                    self._give_back(held, given)
                 raise
             held[off] = nbytes
+            self._metrics.direct_write_reserved_bytes += nbytes
             reply.reserved.append(off)
         return reply
+
+    async def _reserve(self, nbytes: int, stored: list[ChunkKey]) -> int:
+        tier = self._store.writable_tier()
+        if tier is not None and nbytes <= tier.capacity_bytes:  # else the store says it cannot fit
+            bound = int(tier.capacity_bytes * self._reserved_share)
+            if self._metrics.direct_write_reserved_bytes + nbytes > bound:
+                raise CapacityError(
+                    f"reserve: {nbytes} more bytes would put the blocks reserved by all clients over "
+                    f"{self._reserved_share:g} of the tier's capacity ({bound} bytes, server.shm_reserved_share); "
+                    "put through the daemon"
+                )
+        return await self._store.reserve(nbytes, keep=stored)
+
+    def _adopted(self, held: Held, off: int) -> None:
+        """The block at ``off`` holds a chunk now: no longer reserved."""
+        self._metrics.direct_write_reserved_bytes -= held.pop(off)
+
+    def _give_back(self, held: Held, off: int) -> None:
+        self._metrics.direct_write_reserved_bytes -= held.pop(off)
+        self._store.release(off)
 
     def _check(
         self, request: pb.ArenaPutRequest, principal: Principal, held: Held
@@ -175,6 +203,5 @@ class DirectWrites:
     def release_all(self, held: Held) -> None:
         """Give back every block a connection still holds (it ended)."""
         for off in list(held):
-            del held[off]
             with contextlib.suppress(Closed):  # the store closed first: nothing to give back to
-                self._store.release(off)
+                self._give_back(held, off)

@@ -66,6 +66,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         shm: bool,
         shm_direct_reads: bool = True,
         shm_direct_writes: bool = True,
+        shm_reserved_share: float = 0.5,
         max_inflight_bytes: int = 2 << 30,
         max_concurrent_streams: int = 256,
         threads: int = 2,
@@ -99,7 +100,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         #: Puts local clients write into the CPU tier's memory themselves (direct_writes.py).
         self.direct_writes = DirectWrites(
             store, self.limits, self._metrics, max_chunk_bytes=max_chunk_bytes, max_batch=max_batch,
-            why_not=self._why_no_direct_writes,
+            reserved_share=shm_reserved_share, why_not=self._why_no_direct_writes,
         )
 
     async def drain(self, timeout_s: float | None) -> None:

@@ -240,6 +240,35 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert chunks == n + 1 and n * MiB <= nbytes <= n * MiB + 4096
 
 
+def test_puts_past_the_reserved_share_go_through_the_daemon(tmp_path: Path) -> None:
+    """A 64 MiB tier with shm_reserved_share 0.125: 8 MiB reserved at most,
+    all clients together. A batch that needs more, or a client that would
+    pass it because another holds blocks, is stored through the daemon."""
+    g = torch.Generator().manual_seed(13)
+
+    def tensors(n: int, size: int) -> list[torch.Tensor]:
+        return [torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+    def stored(c: kvstore.Client, items: list[tuple[str, torch.Tensor]]) -> bool:
+        out = torch.empty_like(items[0][1])
+        return all(c.get_into(k, out) is not None and torch.equal(out, v) for k, v in items)
+
+    with DaemonProcess(tmp_path, cpu_only("64MiB", shm_reserved_share=0.125)) as d:
+        with kvstore.Client(d.address) as a, kvstore.Client(d.address) as b:
+            for c in (a, b):
+                c.put(key(0, model="share"), b"registers the segment")
+            big = [(key(1 + i, model="share"), v) for i, v in enumerate(tensors(8, 2 * MiB))]  # 16 MiB
+            assert a.put_many(big) == ["cpu"] * 8 and a.direct_writes == 0 and stored(a, big)
+            small = [(key(10 + i, model="share"), v) for i, v in enumerate(tensors(3, 2 * MiB))]
+            assert a.put_many(small) == ["cpu"] * 3 and a.direct_writes == 3  # a now holds 6 MiB reserved
+            other = (key(20, model="share"), tensors(1, 4 * MiB)[0])
+            assert b.put(*other) == "cpu" and b.direct_writes == 0 and stored(b, [other])
+        with kvstore.Client(d.address) as b:  # a is gone, and its blocks with it
+            b.put(key(0, model="share"), b"registers the segment")
+            again = (key(21, model="share"), tensors(1, 4 * MiB)[0])
+            assert b.put(*again) == "cpu" and b.direct_writes == 1 and stored(b, [again])
+
+
 def test_a_batch_of_mixed_sizes_and_values(tmp_path: Path) -> None:
     """Sizes that change within a batch and between batches, groups cut by
     bytes, values that are not written directly: all stored, in order, and

@@ -20,7 +20,6 @@ test_store_keeps_serving_locally_when_redis_is_down).
 from __future__ import annotations
 
 import ast
-import asyncio
 import os
 import shutil
 import signal

@@ -26,6 +26,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, blob, channel, key, stub
 from tests.server.test_shm_channel import Registered, call, error_of, is_closed
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
+from tests.test_metrics import free_port, scrape
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 
@@ -261,7 +262,8 @@ def is_closed_now(sock: socket.socket) -> bool:
 
 
 def test_the_block_reserved_with_a_put_never_evicts_what_it_stored(tmp_path: Path) -> None:
-    with DaemonProcess(tmp_path, cpu_only("8MiB")) as d:
+    # The whole tier may be reserved here: a block of more than half of it is the point.
+    with DaemonProcess(tmp_path, cpu_only("8MiB", shm_reserved_share=1.0)) as d:
         w = Writer(d.address)
         try:
             k = key(1, model="ahead")
@@ -311,3 +313,45 @@ def test_a_batch_reservation_alone_is_all_or_none(tmp_path: Path) -> None:
             assert used(d.address) == before + 6 * MiB
         finally:
             w.close()
+
+
+def test_all_connections_together_hold_at_most_the_reserved_share(tmp_path: Path) -> None:
+    """A 16 MiB tier with shm_reserved_share 0.25: 4 MiB reserved at most,
+    whichever connections hold it; a put hands its block over and reserves
+    the next within the bound, or stands without it; what a connection held
+    is free again once it ends; the gauge follows."""
+    port = free_port()
+    with DaemonProcess(tmp_path, cpu_only("16MiB", shm_reserved_share=0.25, metrics_port=port)) as d:
+
+        def gauge() -> float:
+            return scrape(port)[("kvstore_direct_write_reserved_bytes", ())]
+
+        a, b = Writer(d.address), Writer(d.address)
+        try:
+            off = a.reserve(3 * MiB)
+            status, message = error_of(b.request(reserve=[2 * MiB]))
+            assert status == "RESOURCE_EXHAUSTED" and "shm_reserved_share" in message, message
+            off_b = b.reserve(MiB)  # up to the bound
+            assert gauge() == 4 * MiB
+            k, data = key(40, model="share"), blob(40, 3 * MiB)
+            a.write(off, data)
+            reply = a.ok(items=[item(k, data, off)], reserve=[3 * MiB])  # its block holds k now
+            assert len(reply.reserved) == 1 and get(d.address, k) == data
+            assert gauge() == 4 * MiB
+            # Past the bound, a reservation made with a put is left out of the reply; the put stands.
+            k2, data2 = key(41, model="share"), blob(41, MiB)
+            b.write(off_b, data2)
+            reply = b.ok(items=[item(k2, data2, off_b)], reserve=[2 * MiB])
+            assert not reply.reserved and get(d.address, k2) == data2
+            assert gauge() == 3 * MiB
+        finally:
+            a.close()
+        try:
+            deadline = time.monotonic() + 10
+            while gauge() != 0 and time.monotonic() < deadline:  # a's block went back when it ended
+                time.sleep(0.02)
+            assert gauge() == 0
+            b.reserve(4 * MiB)
+            assert gauge() == 4 * MiB
+        finally:
+            b.close()

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.exceptions
 
 from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.errors import ConfigError, CorruptChunk, RemoteUnavailable
