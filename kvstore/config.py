@@ -86,27 +86,23 @@ def _int(value: object, field_name: str, lo: int, hi: int) -> int:
 
 
 def _seconds(value: object, field_name: str) -> float:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field_name}: expected seconds (a number), got {value!r}") from None
-    if not 0 < out <= 3600:
-        raise ConfigError(f"{field_name}: expected seconds in (0, 3600], got {out}")
-    return out
+    return _in_range(value, field_name, 3600.0, "seconds in (0, 3600]")
 
 
 def _share(value: object, field_name: str) -> float:
-    """A fraction in (0, 1]."""
+    return _in_range(value, field_name, 1.0, "a fraction in (0, 1] such as 0.5")
+
+
+def _in_range(value: object, field_name: str, hi: float, expected: str) -> float:
+    """A number in (0, ``hi``]; ConfigError saying ``expected`` otherwise."""
     try:
         if isinstance(value, bool):
             raise ValueError
         out = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ConfigError(f"{field_name}: expected a fraction in (0, 1] such as 0.5, got {value!r}") from None
-    if not 0 < out <= 1:
-        raise ConfigError(f"{field_name}: expected a fraction in (0, 1] such as 0.5, got {out}")
+        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}") from None
+    if not 0 < out <= hi:
+        raise ConfigError(f"{field_name}: expected {expected}, got {out}")
     return out
 
 
