@@ -19,7 +19,8 @@ CPU tensors and bytes are then written into that memory by the client too
 (direct writes, kvstore/client/arena_writes.py: one copy and one request
 per group of up to 8 chunks), in a worker thread, so the event loop is not
 held for the copies and the round trip; ``direct_writes=False`` turns that
-off.
+off.  The segment, the control channel and the shared arena are one
+client's :class:`~kvstore.client.shm_session.ShmSession`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 from kvstore.chunk import ChunkMeta, checksum
 from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.payload import Value, to_payload, to_tensor
-from kvstore.client.shm import BlockingControlChannel, ClientSegment, ControlChannel, get_item, put_item
+from kvstore.client.shm import ClientSegment, get_item, put_item
+from kvstore.client.shm_session import ShmSession
 from kvstore.tiers.memory import tensor_view
 from kvstore.errors import (
     CorruptChunk,
@@ -162,23 +164,15 @@ class AsyncClient:
             request_serializer=pb.GetRequest.SerializeToString,
             response_deserializer=frames.decoder(pb.GetFrame),
         )
-        self._shm_mode = shm
-        self._shm_bytes = shm_bytes
-        self._segment: ClientSegment | None = None
-        #: ShmPut/ShmGet over the daemon's Unix socket, when it offers one.
-        self._control: ControlChannel | None = None
-        self._shm_tried = False
-        self._shm_lock = asyncio.Lock()
-        self._direct_reads = direct_reads
-        self._direct_writes = direct_writes
-        #: Reads from and writes into the daemon's shared arena (a blocking control connection of its own).
-        self._reader: BlockingControlChannel | None = None
+        #: The segment, the control channel and the daemon's shared arena (kvstore/client/shm_session.py).
+        self._local = ShmSession(
+            shm, shm_bytes, timeout_s=timeout_s, direct_reads=direct_reads, direct_writes=direct_writes,
+            register=self._register_segment,
+        )
 
     # -- lifecycle -----------------------------------------------------------
     async def close(self) -> None:
-        self._drop_control()
-        self._drop_reader()
-        seg, self._segment = self._segment, None
+        seg = self._local.close()
         if seg is not None:
             with contextlib.suppress(KVStoreError, grpc.aio.AioRpcError):
                 await self._stub.ReleaseSegment(
@@ -213,104 +207,37 @@ class AsyncClient:
                         continue
                 raise error_for_status(code.name, exc.details() or code.name) from None
 
-    # -- shared memory -------------------------------------------------------------
-    async def _shm(self) -> ClientSegment | None:
-        if self._shm_mode is False:
-            return None
-        if self._segment is not None or self._shm_tried:
-            return self._segment
-        async with self._shm_lock:
-            if self._segment is not None or self._shm_tried:
-                return self._segment
-            try:
-                return await self._register_segment()
-            finally:
-                # Only now: callers that came meanwhile waited on the lock
-                # instead of finding "tried" and no segment yet.
-                self._shm_tried = True
-
-    async def _register_segment(self) -> ClientSegment | None:
-        try:
-            seg = ClientSegment(self._shm_bytes)
-        except OSError:
-            if self._shm_mode is True:
-                raise
-            return None
-        try:
-            reply = await self._call(
-                lambda t: self._stub.RegisterSegment(
-                    pb.RegisterSegmentRequest(name=seg.name, size=seg.size, nonce=seg.nonce),
-                    metadata=self._metadata,
-                    timeout=t,
-                )
+    # -- shared memory (kvstore/client/shm_session.py) ---------------------------------
+    async def _register_segment(self, seg: ClientSegment) -> pb.RegisterSegmentReply:
+        return await self._call(
+            lambda t: self._stub.RegisterSegment(
+                pb.RegisterSegmentRequest(name=seg.name, size=seg.size, nonce=seg.nonce),
+                metadata=self._metadata,
+                timeout=t,
             )
-        except KVStoreError:
-            seg.close()
-            if self._shm_mode is True:
-                raise
-            return None
-        seg.segment_id = reply.segment_id
-        seg.unlink()
-        self._segment = seg
-        seg.control_socket = reply.control_socket
-        if reply.control_socket:
-            try:
-                self._control = await ControlChannel.open(reply.control_socket, seg.segment_id, seg.nonce)
-            except (OSError, KVStoreError):
-                self._control = None  # ShmPut/ShmGet over gRPC then
-            if self._direct_reads or self._direct_writes:
-                # Connecting and attaching run on the event loop: 5 s at most.  Direct
-                # writes (in a worker thread) wait for durable puts: the client's timeout.
-                self._reader = _arena_reader(seg, min(5.0, self._timeout), writes=self._direct_writes)
-                if self._reader is not None:
-                    self._reader.set_timeout(self._timeout)
-        return seg
-
-    def _drop_control(self) -> None:
-        ctl, self._control = self._control, None
-        if ctl is not None:
-            ctl.close()
-
-    def _drop_reader(self) -> None:
-        """The shared arena goes with the segment it was attached for (not with a
-        control connection that broke: the reader has its own)."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
+        )
 
     @property
     def direct_reads(self) -> int:
         """Gets served from the daemon's shared arena (no request) since the segment was registered."""
-        reader = self._reader
-        return 0 if reader is None or reader.arena is None else reader.arena.reads
+        return self._local.direct_reads
 
     @property
     def direct_writes(self) -> int:
         """Puts written into the daemon's shared arena since the segment was registered."""
-        reader = self._reader
-        return 0 if reader is None else reader.direct_writes
+        return self._local.direct_writes
 
     async def direct_reads_ready(self) -> bool:
         """Register the segment (mapping the daemon's shared arena, if offered)
         and map every page of the arena into this process, in a worker thread;
         see ``Client.direct_reads_ready``."""
-        await self._shm()
-        reader = self._reader
-        if reader is None or reader.arena is None:
-            return False
-        await asyncio.to_thread(reader.arena.populate)
-        return True
+        return await self._local.direct_reads_ready()
 
     def _read_shared(self, key: str, out: torch.Tensor | None) -> Fetched | None:
         """The chunk read from the daemon's shared arena (copied on this thread: a
         memory copy, 0.1 ms per MiB at most), or None: ask the daemon."""
-        reader = self._reader
-        if reader is None or not self._direct_reads:
-            return None
-        read = reader.read_shared(key, out)
+        read = self._local.read_shared(key, out)
         if read is None:
-            if reader.broken:
-                self._reader = None
             return None
         return Fetched(read[0], memoryview(b"") if out is not None else tensor_view(read[1]))
 
@@ -321,38 +248,10 @@ class AsyncClient:
         parse: Callable[[bytes], T],
         rpc: Callable[..., Awaitable[T]],
     ) -> T:
-        """One ShmPut/ShmGet: over the control channel when it is free, else over gRPC.
-
-        A broken channel (daemon restarted, connection lost, a call cancelled
-        half-way) is dropped and the request goes over gRPC, which reports
-        what became of the segment."""
-        ctl = self._control
-        if ctl is not None and ctl.broken:
-            self._drop_control()
-        elif ctl is not None and not ctl.busy:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    return parse(await ctl.call(kind, request.SerializeToString()))
-            except TimeoutError:
-                self._drop_control()
-                raise error_for_status("DEADLINE_EXCEEDED", f"no reply within {self._timeout} s") from None
-            except (OSError, asyncio.IncompleteReadError):
-                self._drop_control()
-        return await self._call(lambda t: rpc(request, metadata=self._metadata, timeout=t))
-
-    def _forget_segment(self, seg: ClientSegment) -> None:
-        """The daemon no longer knows ``seg`` (it restarted; shared-memory calls
-        answer NOT_FOUND): this call goes over the stream, the next registers a
-        new segment (the old one's name is gone, so it cannot be registered again)."""
-        if self._segment is seg:
-            self._drop_control()
-            self._drop_reader()
-            self._segment = None
-            self._shm_tried = False
-            # Unlink, do not unmap: tensors the caller holds (``buffer()``, the value of
-            # this very call) may point into the mapping, which is freed with its last
-            # reference.  Unmapping here made the stream fallback read freed memory.
-            seg.unlink()
+        """One ShmPut/ShmGet: over the control channel when it is free, else over gRPC."""
+        return await self._local.call(
+            kind, request, parse, lambda: self._call(lambda t: rpc(request, metadata=self._metadata, timeout=t))
+        )
 
     @property
     def timeout_s(self) -> float:
@@ -361,12 +260,12 @@ class AsyncClient:
 
     @property
     def uses_shm(self) -> bool:
-        return self._segment is not None
+        return self._local.uses_shm
 
     @property
     def stream_only(self) -> bool:
         """Payloads go through the byte stream: shared memory is off, or was tried and is unavailable."""
-        return self._shm_mode is False or (self._shm_tried and self._segment is None)
+        return self._local.stream_only
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -384,13 +283,10 @@ class AsyncClient:
         Puts from it and gets into it (``get_into``) skip the client-side copy.
         Free it with :meth:`free_buffer`.
         """
-        seg = await self._shm()
-        return None if seg is None else seg.buffer(nbytes)
+        return await self._local.buffer(nbytes)
 
     def free_buffer(self, t: torch.Tensor) -> None:
-        if self._segment is None:
-            raise InvalidArgument("no shared-memory segment")
-        self._segment.free_buffer(t)
+        self._local.free_buffer(t)
 
     # -- put -----------------------------------------------------------------------
     async def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
@@ -405,7 +301,7 @@ class AsyncClient:
         have been stored."""
         if not items:
             return []
-        seg = await self._shm()
+        seg = await self._local.ready()
         if seg is not None:
             written = await self._arena_put_many(items, durable)
             if written is not None:
@@ -424,7 +320,7 @@ class AsyncClient:
             try:
                 out = await self._put_shm(seg, prepared, durable)
             except NotFound:
-                self._forget_segment(seg)
+                self._local.forget(seg)
                 out = None
             if out is not None:
                 return out
@@ -436,11 +332,7 @@ class AsyncClient:
         item, the tier it went to or None (put it another way); None: put them
         all another way (off, not offered, the connection busy with another
         call or gone, or values :func:`direct_items` turns away)."""
-        reader = self._reader
-        if reader is None or not self._direct_writes:
-            return None
-        texts = [_key_text(k) for k, _ in items]
-        return await asyncio.to_thread(reader.try_put_many, texts, [v for _, v in items], durable)
+        return await self._local.put_direct([_key_text(k) for k, _ in items], [v for _, v in items], durable)
 
     async def put_chunks(
         self, items: Sequence[tuple[KeyLike, ChunkMeta, memoryview]], *, durable: bool = False
@@ -513,12 +405,12 @@ class AsyncClient:
         texts = [_key_text(k) for k in keys]
         if not texts:
             return []
-        seg = await self._shm()
+        seg = await self._local.ready()
         if seg is not None:
             try:
                 return await self._get_shm(seg, texts)
             except NotFound:
-                self._forget_segment(seg)
+                self._local.forget(seg)
         return await self._get_stream(texts)
 
     async def _get_shm(self, seg: ClientSegment, texts: list[str]) -> list[Fetched | None]:
@@ -579,13 +471,13 @@ class AsyncClient:
         if out.device.type != "cpu" or not out.is_contiguous():
             raise InvalidArgument("get_into needs a contiguous CPU tensor")
         text = _key_text(key)
-        seg = await self._shm()
+        seg = await self._local.ready()
         if seg is not None:
             try:
                 got = await self._get_shm_one(seg, text, out)
                 return None if got is None else got.meta
             except NotFound:
-                self._forget_segment(seg)
+                self._local.forget(seg)
         fetched = (await self._get_stream([text], into=out))[0]
         return None if fetched is None else fetched.meta
 
@@ -661,23 +553,6 @@ class AsyncClient:
         req = pb.DeleteRequest(keys=[_key_text(k) for k in keys])
         reply = await self._call(lambda t: self._stub.Delete(req, metadata=self._metadata, timeout=t))
         return list(reply.found)
-
-
-def _arena_reader(seg: ClientSegment, timeout_s: float, *, writes: bool) -> BlockingControlChannel | None:
-    """A control connection with the daemon's shared arena attached (asking for it
-    writable with ``writes``), or None (not offered: a token file, turned off, no
-    tier that can; or no connection)."""
-    try:
-        ch = BlockingControlChannel(seg.control_socket, seg.segment_id, seg.nonce, timeout_s, writes=writes)
-    except (OSError, KVStoreError):
-        return None
-    try:
-        if ch.attach() is not None:
-            return ch
-    except (OSError, KVStoreError):
-        pass
-    ch.close()
-    return None
 
 
 def _finish(meta: ChunkMeta, buf: memoryview, key: str) -> Fetched:

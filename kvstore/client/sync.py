@@ -253,7 +253,7 @@ class Client:
         if not self._direct_reads or self._aio.stream_only:
             return False
         if self._direct() is None:
-            self._run(self._aio._shm())  # noqa: SLF001 - registers the segment; then try again
+            self._run(self._aio._local.ready())  # noqa: SLF001 - registers the segment; then try again
         direct = self._direct()
         arena = None if direct is None else direct[1].attach()
         if arena is None:
@@ -268,7 +268,7 @@ class Client:
 
     # -- the direct path (see the module docstring) ----------------------------------
     def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:
-        seg = self._aio._segment  # noqa: SLF001 - one implementation of the segment's lifecycle
+        seg = self._aio._local.segment  # noqa: SLF001 - one implementation of the segment's lifecycle
         if self._closed or seg is None or not seg.control_socket or seg.segment_id == self._blocking_refused:
             return None
         with self._blocking_lock:

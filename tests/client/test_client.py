@@ -131,7 +131,7 @@ def test_segment_is_unlinked_once_registered(server: DaemonProcess) -> None:
     with kvstore.Client(server.address, shm=True) as c:
         c.put(key(1, model="unlink"), b"x" * 5000)
         assert c.uses_shm
-        seg = c._aio._segment  # noqa: SLF001 - the segment's file name is what is under test
+        seg = c._aio._local.segment  # noqa: SLF001 - the segment's file name is what is under test
         assert seg is not None and not seg.path.exists()
         assert c.get_bytes(key(1, model="unlink")) == b"x" * 5000
 

@@ -245,7 +245,7 @@ async def test_async_direct_reads_outlive_a_broken_control_channel(server: Daemo
     async with kvstore.AsyncClient(server.address) as c:
         await c.put(k, b"b" * 70_000)
         assert await c.get_bytes(k) == b"b" * 70_000 and c.direct_reads == 1
-        assert c._control is not None  # noqa: SLF001 - break what a cancelled call breaks
-        c._control.close()  # noqa: SLF001
+        assert c._local.control is not None  # noqa: SLF001 - break what a cancelled call breaks
+        c._local.control.close()  # noqa: SLF001
         await c.put(k, b"c" * 70_000)  # over gRPC now
         assert await c.get_bytes(k) == b"c" * 70_000 and c.direct_reads == 2

@@ -128,7 +128,7 @@ def test_clients_round_trip_through_the_channel(authd: DaemonProcess, size: int)
     k = key(size, tenant="a", model="chan")
     with kvstore.Client(authd.address, token=A_RW, shm=True) as c:
         c.put(k, blob(size, size))
-        assert c._aio._control is not None  # noqa: SLF001 - which path carried it is under test
+        assert c._aio._local.control is not None  # noqa: SLF001 - which path carried it is under test
         assert c.get_bytes(k) == blob(size, size)
         t = torch.arange(size // 2 + 1, dtype=torch.bfloat16)
         c.put(k, t)
@@ -140,11 +140,11 @@ def test_a_broken_channel_falls_back_to_grpc(authd: DaemonProcess) -> None:
     k = key(1, tenant="a", model="broken")
     with kvstore.Client(authd.address, token=A_RW, shm=True) as c:
         c.put(k, blob(1, 2 * MiB))
-        ctl = c._aio._control  # noqa: SLF001
+        ctl = c._aio._local.control  # noqa: SLF001
         assert ctl is not None
         ctl._writer.transport.abort()  # noqa: SLF001 - the connection dies under the client
         c.put(k, blob(2, 2 * MiB))  # over gRPC ShmPut, same segment
-        assert c._aio._control is None and c.uses_shm  # noqa: SLF001
+        assert c._aio._local.control is None and c.uses_shm  # noqa: SLF001
         assert c.get_bytes(k) == blob(2, 2 * MiB)
 
 
