@@ -26,7 +26,8 @@ import torch
 
 from kvstore.chunk import ChunkMeta
 from kvstore.client.payload import Value
-from kvstore.client.shm import BlockingControlChannel, ClientSegment, ControlChannel
+from kvstore.client.blocking_channel import BlockingControlChannel
+from kvstore.client.shm import ClientSegment, ControlChannel
 from kvstore.errors import InvalidArgument, KVStoreError, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 

@@ -50,7 +50,8 @@ from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupR
 from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.h2channel import H2GetChannel, parse_address
 from kvstore.client.payload import Value, to_payload
-from kvstore.client.shm import BlockingControlChannel, ClientSegment, get_item, put_item
+from kvstore.client.blocking_channel import BlockingControlChannel
+from kvstore.client.shm import ClientSegment, get_item, put_item
 from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
 from kvstore.server.messages import meta_from_pb
 from kvstore.tiers.memory import tensor_view

@@ -26,7 +26,7 @@ import yaml
 import kvstore
 from kvstore.admin.client import AdminClient
 from kvstore.chunk import Chunk, ChunkMeta, checksum
-from kvstore.client import shm
+from kvstore.client import blocking_channel
 from kvstore.client.arena_writes import GROUP_BYTES
 from kvstore.server.direct_writes import MAX_HELD
 from kvstore.errors import InvalidArgument, KVStoreError
@@ -203,9 +203,9 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     raised, and the connection stays in step: the blocks the refused request
     named are given back, and the next batch is stored."""
     sent: list[int] = []
-    call = shm.BlockingControlChannel._arena_call
+    call = blocking_channel.BlockingControlChannel._arena_call
 
-    def spoils_the_second(self: shm.BlockingControlChannel, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
+    def spoils_the_second(self: blocking_channel.BlockingControlChannel, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
         if request.items:
             sent.append(len(request.items))
             if len(sent) == 2:
@@ -219,7 +219,7 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with DaemonProcess(tmp_path, cpu_only("256MiB")) as d:
         with kvstore.Client(d.address) as c:
             c.put(key(100, model="refused"), b"registers the segment")
-            monkeypatch.setattr(shm.BlockingControlChannel, "_arena_call", spoils_the_second)
+            monkeypatch.setattr(blocking_channel.BlockingControlChannel, "_arena_call", spoils_the_second)
             with pytest.raises(InvalidArgument, match=r"items\[0\]\.key"):
                 c.put_many(list(zip(keys, values, strict=True)))
             assert sent == [MAX_HELD, MAX_HELD]
