@@ -4,13 +4,13 @@ listener once the daemon names it, and watched between calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import select
-import ssl
 import threading
 from collections.abc import Sequence
 
 from kvstore.client.h2get import Destination, H2GetConnection
-from kvstore.client.h2wire import FallBack
+from kvstore.client.h2wire import FallBack, Target
 from kvstore.http2 import ASK_HEADER
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -24,19 +24,9 @@ class H2GetChannel:
     #: Quiet time after which the watcher looks at the connection.
     IDLE_S = 0.1
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        connect_timeout_s: float = 5.0,
-    ) -> None:
-        self._target = (host, port)
-        self._tls = tls
-        self._server_hostname = server_hostname
-        self._connect_timeout = connect_timeout_s
+    def __init__(self, target: Target) -> None:
+        #: The daemon's gRPC port, where the channel starts and comes back to.
+        self._target = target
         self._conn: H2GetConnection | None = None
         self._cv = threading.Condition()
         self._busy = False
@@ -46,7 +36,7 @@ class H2GetChannel:
         #: Calls this channel completed (the others went back to the caller as None).
         self.served = 0
         #: The port of the connection in use: the daemon's gRPC port or its HTTP/2 Get listener.
-        self.port = port
+        self.port = target.port
         #: The listener's port, once the daemon named it (kvstore/server/h2get.py).
         self._fast: int | None = None
         self._learn = True  # ask the daemon for it on the next call to the gRPC port
@@ -83,7 +73,7 @@ class H2GetChannel:
             if ask:
                 port = conn.advertised_port
                 self._learn = False
-                if port is not None and port != self._target[1] and port not in self._unreachable:
+                if port is not None and port != self._target.port and port not in self._unreachable:
                     self._fast = port  # the next call opens a connection there
                     self._conn = None
                     conn.close()
@@ -100,12 +90,9 @@ class H2GetChannel:
             return conn
         self._conn = None
         while True:
-            port = self._fast or self._target[1]
+            port = self._fast or self._target.port
             try:
-                conn = H2GetConnection(
-                    self._target[0], port, tls=self._tls, server_hostname=self._server_hostname,
-                    connect_timeout_s=self._connect_timeout,
-                )
+                conn = H2GetConnection(dataclasses.replace(self._target, port=port))
             except OSError:
                 if self._fast is None:
                     return None

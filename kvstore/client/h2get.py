@@ -49,7 +49,9 @@ from urllib.parse import unquote
 
 import hpack
 
-from kvstore.client.h2wire import BUFFER, BufferedSocket, FallBack, connect, data_prefix, frame_header, inline_data_at, varint_len
+from kvstore.client.h2wire import (
+    BUFFER, BufferedSocket, FallBack, Target, connect, data_prefix, frame_header, inline_data_at, varint_len,
+)
 from kvstore.errors import KVStoreError, error_for_status
 from kvstore.http2 import (
     ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GET_PATH, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, PADDED, PING, PORT_HEADER,
@@ -85,20 +87,13 @@ class _StreamEnded(Exception):
 class H2GetConnection:
     """One HTTP/2 connection to the daemon carrying one Get at a time; see the module docstring."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        connect_timeout_s: float = 5.0,
-    ) -> None:
-        raw = connect(host, port, connect_timeout_s)
+    def __init__(self, target: Target) -> None:
+        host, port, tls = target.host, target.port, target.tls
+        raw = connect(host, port, target.connect_timeout_s)
         try:
             sock: socket.socket = raw
             if tls is not None:
-                sock = tls.wrap_socket(raw, server_hostname=server_hostname or host)
+                sock = tls.wrap_socket(raw, server_hostname=target.server_hostname or host)
                 if sock.selected_alpn_protocol() != "h2":
                     raise ConnectionError("the daemon did not agree to HTTP/2 (ALPN)")
             settings = struct.pack(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 
 from kvstore.http2 import MAX_FRAME, parse_frame_header
 
@@ -16,6 +17,19 @@ from kvstore.http2 import MAX_FRAME, parse_frame_header
 BUFFER = 256 << 10
 #: SO_RCVBUF of the connection (the kernel caps it at net.core.rmem_max).
 SOCKET_BUFFER = 4 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an HTTP/2 Get connection goes, and how."""
+
+    host: str
+    port: int
+    #: TLS, when the daemon's port has it (ALPN must agree on h2).
+    tls: ssl.SSLContext | None = None
+    #: The name the daemon's certificate must carry (default: ``host``).
+    server_hostname: str | None = None
+    connect_timeout_s: float = 5.0
 
 
 class FallBack(Exception):

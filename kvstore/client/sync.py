@@ -49,6 +49,7 @@ from kvstore.chunk import ChunkMeta
 from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
 from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.h2channel import H2GetChannel, parse_address
+from kvstore.client.h2wire import Target
 from kvstore.client.payload import Value, to_payload
 from kvstore.client.blocking_channel import BlockingControlChannel
 from kvstore.client.shm import ClientSegment, get_item, put_item
@@ -91,10 +92,10 @@ class Client:
         target = parse_address(address) if http2_get else None
         if target is not None:
             tls = _ssl_context(kwargs.get("tls"))
-            self._h2 = H2GetChannel(
+            self._h2 = H2GetChannel(Target(
                 *target, tls=tls[0] if tls else None, server_hostname=tls[1] if tls else None,
                 connect_timeout_s=min(5.0, self._aio.timeout_s),
-            )
+            ))
 
     @staticmethod
     async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:

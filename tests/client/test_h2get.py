@@ -20,7 +20,7 @@ import yaml
 import kvstore
 from kvstore.client.h2channel import parse_address
 from kvstore.client.h2get import H2GetConnection
-from kvstore.client.h2wire import data_prefix, inline_data_at
+from kvstore.client.h2wire import Target, data_prefix, inline_data_at
 from kvstore.http2 import hpack_int as _hpack_int, literal as _literal
 from kvstore.server.frames import HeaderWithData, _varint, encode
 from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
@@ -164,7 +164,7 @@ def test_a_daemon_that_never_answers_hits_the_deadline() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         host, port = listener.getsockname()
-        conn = H2GetConnection(host, port)
+        conn = H2GetConnection(Target(host, port))
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="within 0.3 s"):
             conn.get(pb.GetRequest(keys=[key(1)]), metadata=(), timeout_s=0.3,
