@@ -140,7 +140,6 @@ class Metrics:
         self.lookup_hits = 0
         self.shared_reads = 0
         self.direct_writes = 0
-        self.direct_write_reserved_bytes = 0
         self._reads: dict[str, IOCounter] = defaultdict(IOCounter)
         self._writes: dict[str, IOCounter] = defaultdict(IOCounter)
         self._ns: dict[Namespace, _NsTraffic] = defaultdict(_NsTraffic)
@@ -186,6 +185,10 @@ class Metrics:
         for key, tier, n in items:
             share = n / total if total else 1 / len(items)
             self.record_write(key, tier, n, seconds * share)
+
+    def _reserved_bytes(self) -> int:
+        tier = self._store.writable_tier()
+        return 0 if tier is None else tier.reserved_bytes
 
     def _shared_unpublished(self) -> int:
         tier = self._store.shared_tier()
@@ -273,7 +276,7 @@ class Metrics:
             lookup_hits=self.lookup_hits,
             shared_reads=self.shared_reads,
             direct_writes=self.direct_writes,
-            direct_write_reserved_bytes=self.direct_write_reserved_bytes,
+            direct_write_reserved_bytes=self._reserved_bytes(),
             shared_unpublished=self._shared_unpublished(),
             pins=stats.pins,
             uptime_s=time.monotonic() - self._started,

@@ -36,9 +36,10 @@ tier's capacity (``server.shm_reserved_share``): reserved blocks hold no
 chunk, and without that bound many clients, each holding blocks for its next
 put, would evict the cache they are there to fill.  A reservation past it is
 refused as one that cannot be made (RESOURCE_EXHAUSTED alone, fewer blocks
-with items): those values then go through the daemon.  A request is checked whole before anything in it is done:
-a bad item, or a block the connection does not hold, stores nothing and
-keeps the connection's blocks as they were.  ``release`` ignores offsets the
+with items): those values then go through the daemon.  The tier counts its
+reserved blocks (``MemoryTier.reserved_bytes``).  A request is checked whole
+before anything in it is done: a bad item, or a block the connection does
+not hold, stores nothing and keeps the connection's blocks as they were.  ``release`` ignores offsets the
 connection does not hold, so a client that is not sure whether a failed put
 consumed its block (it does once the chunk is stored, also if a durable
 write-through then fails) names it there in its next request.
@@ -109,8 +110,8 @@ class DirectWrites:
         self.refuse()
         items = self._check(request, principal, held)
         for off in request.release:
-            if off in held:
-                self._give_back(held, off)
+            if held.pop(off, None) is not None:
+                self._store.release(off)
         started = time.perf_counter()
         results = []
         written: list[tuple[ChunkKey, str, int]] = []
@@ -119,7 +120,7 @@ class DirectWrites:
             await self._limits.make_room_for_tenant(key, meta.nbytes)
             tier = await self._store.put_reserved(
                 key, off, meta, durable=request.durable,
-                adopted=functools.partial(self._adopted, held, off),  # the chunk's block from then on
+                adopted=functools.partial(held.pop, off),  # the chunk's block from then on
             )
             results.append(pb.PutResult(key=str(key), tier=tier))
             written.append((key, tier, meta.nbytes))
@@ -135,10 +136,10 @@ class DirectWrites:
                 if stored:
                     break  # ahead of a put: only what evicts nothing just stored
                 for given in reply.reserved:  # alone: all or none
-                    self._give_back(held, given)
+                    del held[given]
+                    self._store.release(given)
                 raise
             held[off] = nbytes
-            self._metrics.direct_write_reserved_bytes += nbytes
             reply.reserved.append(off)
         return reply
 
@@ -146,21 +147,13 @@ class DirectWrites:
         tier = self._store.writable_tier()
         if tier is not None and nbytes <= tier.capacity_bytes:  # else the store says it cannot fit
             bound = int(tier.capacity_bytes * self._reserved_share)
-            if self._metrics.direct_write_reserved_bytes + nbytes > bound:
+            if tier.reserved_bytes + nbytes > bound:
                 raise CapacityError(
                     f"reserve: {nbytes} more bytes would put the blocks reserved by all clients over "
                     f"{self._reserved_share:g} of the tier's capacity ({bound} bytes, server.shm_reserved_share); "
                     "put through the daemon"
                 )
         return await self._store.reserve(nbytes, keep=stored)
-
-    def _adopted(self, held: Held, off: int) -> None:
-        """The block at ``off`` holds a chunk now: no longer reserved."""
-        self._metrics.direct_write_reserved_bytes -= held.pop(off)
-
-    def _give_back(self, held: Held, off: int) -> None:
-        self._metrics.direct_write_reserved_bytes -= held.pop(off)
-        self._store.release(off)
 
     def _check(
         self, request: pb.ArenaPutRequest, principal: Principal, held: Held
@@ -203,5 +196,6 @@ class DirectWrites:
     def release_all(self, held: Held) -> None:
         """Give back every block a connection still holds (it ended)."""
         for off in list(held):
+            del held[off]
             with contextlib.suppress(Closed):  # the store closed first: nothing to give back to
-                self._give_back(held, off)
+                self._store.release(off)

@@ -101,6 +101,10 @@ class MemoryTier(Tier):
         if copy_threads < 1:
             raise InvalidArgument(f"{name}.copy_threads must be >= 1, got {copy_threads}")
         self._alloc = FreeListAllocator(capacity_bytes, align)
+        #: Blocks reserved for local clients and not yet a chunk's: offset -> bytes.
+        self._reserved: dict[int, int] = {}
+        #: Their bytes together.
+        self.reserved_bytes = 0
         self._device = torch.device(device)
         self._pin = pin
         self._prefault = prefault
@@ -218,10 +222,14 @@ class MemoryTier(Tier):
             raise InvalidArgument(f"tier {self.name!r} does not share its arena")
         if nbytes <= 0:
             raise InvalidArgument(f"a reserved block must have at least one byte, got {nbytes}")
-        return self._alloc_block(nbytes)
+        off = self._alloc_block(nbytes)
+        self._reserved[off] = nbytes
+        self.reserved_bytes += nbytes
+        return off
 
     def release_block(self, offset: int) -> None:
         """Give back a block from :meth:`reserve_block` that holds no chunk."""
+        self._unreserve(offset)
         self._alloc.free(offset)
 
     def adopt(self, key: ChunkKey, offset: int, meta: ChunkMeta) -> None:
@@ -229,6 +237,10 @@ class MemoryTier(Tier):
         chunk (replacing any older value), as a put would."""
         self._require_open()
         self._publish(key, offset, meta)
+        self._unreserve(offset)
+
+    def _unreserve(self, offset: int) -> None:
+        self.reserved_bytes -= self._reserved.pop(offset, 0)
 
     def _reserve(self, chunk: Chunk) -> tuple[int, torch.Tensor | memoryview]:
         """A block for ``chunk``'s payload: its offset and where to copy it."""
