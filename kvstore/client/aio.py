@@ -3,11 +3,12 @@
 One channel, reused for every call.  Each call has a deadline; calls that
 fail with UNAVAILABLE are retried with exponential backoff (nothing else is:
 other errors are the caller's or the data's, and retrying cannot help).  Every
-error reaches the caller as a typed :class:`~kvstore.errors.KVStoreError`.
+error reaches the caller as a typed :class:`~kvstore.errors.KVStoreError`
+(kvstore/client/channel.py).
 
 Payloads move through a shared-memory segment when the daemon is on this
 host (it proves so by reading back a nonce), otherwise through the gRPC
-byte stream in frames of ``frame_bytes``.  ``shm="auto"`` (default) tries
+byte stream in frames of ``frame_bytes`` (kvstore/client/stream.py).  ``shm="auto"`` (default) tries
 shared memory once and falls back silently; ``shm=False`` never tries.  The
 shared-memory requests travel over the daemon's Unix-socket control channel
 when it offers one (kvstore/server/shm_channel.py), else over gRPC.  Gets of
@@ -25,40 +26,29 @@ client's :class:`~kvstore.client.shm_session.ShmSession`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 import torch
 
-from kvstore.chunk import ChunkMeta, checksum
+from kvstore.chunk import ChunkMeta
 from kvstore.client.arena_writes import filled, not_written
-from kvstore.client.payload import Value, to_payload, to_tensor
+from kvstore.client.channel import ClientTLS, Retries, open_channel
+from kvstore.client.payload import Fetched, KeyLike, Value, copy_into, key_text, to_payload
 from kvstore.client.shm import ClientSegment, get_item, put_item
 from kvstore.client.shm_session import ShmSession
+from kvstore.client.stream import StreamCalls
 from kvstore.tiers.memory import tensor_view
-from kvstore.errors import (
-    CorruptChunk,
-    InvalidArgument,
-    KVStoreError,
-    NotFound,
-    RemoteUnavailable,
-    error_for_status,
-)
-from kvstore.keys import ChunkKey
-from kvstore.server import frames
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
-from kvstore.server.messages import meta_from_pb, meta_to_pb
+from kvstore.server.messages import meta_from_pb
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-KeyLike = ChunkKey | str
 DEFAULT_ADDRESS = "127.0.0.1:51061"
 #: Data frames of 1 MiB: measured interleaved on the 2-core machine, 32 MiB
 #: values moved 2-4x faster over the stream in 1 MiB frames than in 4 MiB ones
@@ -67,46 +57,9 @@ DEFAULT_FRAME_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class ClientTLS:
-    """TLS settings of a client: the CA that signed the daemon's certificate,
-    and for mutual TLS the client's own certificate and key (PEM files)."""
-
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
-    #: Expected name in the daemon's certificate when it differs from the host.
-    server_name: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class LookupResult:
     count: int
     tiers: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A chunk fetched from the daemon: metadata and payload bytes."""
-
-    meta: ChunkMeta
-    data: memoryview
-
-    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        return to_tensor(self.meta, self.data, device)
-
-
-def _key_text(key: KeyLike) -> str:
-    if isinstance(key, ChunkKey):
-        return str(key)
-    if isinstance(key, str):
-        return str(ChunkKey.parse(key))
-    raise InvalidArgument(f"a key must be a ChunkKey or its string form, not {type(key).__name__}")
-
-
-def _channel_options(frame_bytes: int) -> list[tuple[str, Any]]:
-    from kvstore.server.daemon import channel_options
-
-    return channel_options(frame_bytes)
 
 
 class AsyncClient:
@@ -137,33 +90,13 @@ class AsyncClient:
             if not isinstance(flag, bool):
                 raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
         self.address = address
-        self._timeout = timeout_s
-        self._retries = retries
-        self._backoff = backoff_s
+        self._retries = Retries(timeout_s, retries, backoff_s)
         self._frame = frame_bytes
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        opts = _channel_options(frame_bytes)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=opts)
-        else:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=tls.ca.read_bytes(),
-                private_key=tls.key.read_bytes() if tls.key else None,
-                certificate_chain=tls.cert.read_bytes() if tls.cert else None,
-            )
-            if tls.server_name:
-                opts = [*opts, ("grpc.ssl_target_name_override", tls.server_name)]
-            self._channel = grpc.aio.secure_channel(address, creds, options=opts)
+        self._channel = open_channel(address, tls, frame_bytes)
         self._stub = pb_grpc.KVStoreStub(self._channel)
-        # Put and Get with the fast data-frame codec (same bytes on the wire).
-        self._put_call = self._channel.stream_unary(
-            "/kvstore.v1.KVStore/Put", request_serializer=frames.encode, response_deserializer=pb.PutReply.FromString
-        )
-        self._get_call = self._channel.unary_stream(
-            "/kvstore.v1.KVStore/Get",
-            request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=frames.decoder(pb.GetFrame),
-        )
+        #: Put and Get over the gRPC byte stream (kvstore/client/stream.py).
+        self._stream = StreamCalls(self._channel, frame_bytes, self._metadata)
         #: The segment, the control channel and the daemon's shared arena (kvstore/client/shm_session.py).
         self._local = ShmSession(
             shm, shm_bytes, timeout_s=timeout_s, direct_reads=direct_reads, direct_writes=direct_writes,
@@ -189,23 +122,8 @@ class AsyncClient:
 
     # -- plumbing --------------------------------------------------------------
     async def _call(self, fn: Callable[[float], Awaitable[T]]) -> T:
-        """Run ``fn(timeout)`` with retries on UNAVAILABLE; map errors to typed ones."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        attempt = 0
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                return await fn(max(0.001, remaining))
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
-                    delay = self._backoff * (2**attempt) * (0.5 + random.random())
-                    if loop.time() + delay < deadline:
-                        attempt += 1
-                        await asyncio.sleep(delay)
-                        continue
-                raise error_for_status(code.name, exc.details() or code.name) from None
+        """Run ``fn(timeout)`` with retries on UNAVAILABLE (kvstore/client/channel.py)."""
+        return await self._retries.call(fn)
 
     # -- shared memory (kvstore/client/shm_session.py) ---------------------------------
     async def _register_segment(self, seg: ClientSegment) -> pb.RegisterSegmentReply:
@@ -256,7 +174,7 @@ class AsyncClient:
     @property
     def timeout_s(self) -> float:
         """The deadline of each call, in seconds."""
-        return self._timeout
+        return self._retries.timeout_s
 
     @property
     def uses_shm(self) -> bool:
@@ -315,7 +233,7 @@ class AsyncClient:
     ) -> list[str]:
         """Put through the segment (the daemon copies) when there is one, else over the stream."""
         # Over shared memory the daemon checksums the bytes itself: skip our pass.
-        prepared = [(_key_text(k), *to_payload(v, with_checksum=seg is None), v) for k, v in items]
+        prepared = [(key_text(k), *to_payload(v, with_checksum=seg is None), v) for k, v in items]
         if seg is not None:
             try:
                 out = await self._put_shm(seg, prepared, durable)
@@ -332,7 +250,7 @@ class AsyncClient:
         item, the tier it went to or None (put it another way); None: put them
         all another way (off, not offered, the connection busy with another
         call or gone, or values :func:`direct_items` turns away)."""
-        return await self._local.put_direct([_key_text(k) for k, _ in items], [v for _, v in items], durable)
+        return await self._local.put_direct([key_text(k) for k, _ in items], [v for _, v in items], durable)
 
     async def put_chunks(
         self, items: Sequence[tuple[KeyLike, ChunkMeta, memoryview]], *, durable: bool = False
@@ -350,7 +268,7 @@ class AsyncClient:
                 raise InvalidArgument(
                     f"put_chunks: the payload of {k} is {view.nbytes} bytes, its metadata says {meta.nbytes}"
                 )
-            prepared.append((_key_text(k), meta, view))
+            prepared.append((key_text(k), meta, view))
         return await self._put_stream(prepared, durable) if prepared else []
 
     async def _put_shm(
@@ -377,16 +295,7 @@ class AsyncClient:
                 seg.free(off)
 
     async def _put_stream(self, prepared: list[tuple[str, ChunkMeta, memoryview]], durable: bool) -> list[str]:
-        frame = self._frame
-
-        async def stream() -> AsyncIterator[pb.PutFrame | memoryview]:
-            for key, meta, data in prepared:
-                yield pb.PutFrame(header=pb.PutHeader(key=key, meta=meta_to_pb(meta), durable=durable))
-                for off in range(0, meta.nbytes, frame):
-                    yield data[off : off + frame]
-
-        reply = await self._call(lambda t: self._put_call(stream(), metadata=self._metadata, timeout=t))
-        return [r.tier for r in reply.results]
+        return await self._call(lambda t: self._stream.put(prepared, durable, t))
 
     # -- get -----------------------------------------------------------------------
     async def get(self, key: KeyLike) -> Fetched | None:
@@ -402,7 +311,7 @@ class AsyncClient:
         return None if got is None else got.tensor(device)
 
     async def get_many(self, keys: Iterable[KeyLike]) -> list[Fetched | None]:
-        texts = [_key_text(k) for k in keys]
+        texts = [key_text(k) for k in keys]
         if not texts:
             return []
         seg = await self._local.ready()
@@ -459,7 +368,7 @@ class AsyncClient:
                     seg.free(off)
         got = (await self._get_stream([key]))[0]
         if got is not None and out is not None:
-            _copy_into(out, got)
+            copy_into(out, got)
             return Fetched(got.meta, memoryview(b""))
         return got
 
@@ -470,7 +379,7 @@ class AsyncClient:
         """
         if out.device.type != "cpu" or not out.is_contiguous():
             raise InvalidArgument("get_into needs a contiguous CPU tensor")
-        text = _key_text(key)
+        text = key_text(key)
         seg = await self._local.ready()
         if seg is not None:
             try:
@@ -481,89 +390,24 @@ class AsyncClient:
         fetched = (await self._get_stream([text], into=out))[0]
         return None if fetched is None else fetched.meta
 
-    async def _get_stream(
-        self, texts: list[str], into: torch.Tensor | None = None
-    ) -> list[Fetched | None]:
+    async def _get_stream(self, texts: list[str], into: torch.Tensor | None = None) -> list[Fetched | None]:
         """Get over the byte stream; with ``into`` (one key) frames land straight in it."""
-        dest: memoryview | None = None
-        if into is not None:
-            dest = tensor_view(into)
-
-        async def run(timeout: float) -> list[Fetched | None]:
-            out: list[Fetched | None] = [None] * len(texts)
-            call = self._get_call(
-                pb.GetRequest(keys=texts, frame_bytes=self._frame, inline_data=True),
-                metadata=self._metadata,
-                timeout=timeout,
-            )
-            buf: memoryview | None = None
-            meta: ChunkMeta | None = None
-            index = -1
-            filled = 0
-            async for frame in call:
-                if isinstance(frame, pb.GetFrame) and frame.WhichOneof("part") == "header":
-                    h = frame.header
-                    index = h.index
-                    if not h.found:
-                        continue
-                    meta = meta_from_pb(h.meta)
-                    if dest is not None:
-                        if meta.nbytes > dest.nbytes:
-                            call.cancel()
-                            raise InvalidArgument(
-                                f"output has room for {dest.nbytes} bytes, the chunk has {meta.nbytes}"
-                            )
-                        buf = dest[: meta.nbytes]
-                    else:
-                        buf = memoryview(bytearray(meta.nbytes))
-                    filled = len(h.data)  # the first frame, inline (GetRequest.inline_data)
-                    if filled > meta.nbytes:
-                        raise RemoteUnavailable("daemon sent more bytes than the chunk has")
-                    buf[:filled] = h.data
-                else:
-                    if buf is None or meta is None:
-                        raise RemoteUnavailable("daemon sent data without a header")
-                    data = frame if isinstance(frame, memoryview) else memoryview(frame.data)
-                    if filled + len(data) > meta.nbytes:
-                        raise RemoteUnavailable("daemon sent more bytes than the chunk has")
-                    buf[filled : filled + len(data)] = data
-                    filled += len(data)
-                if buf is not None and meta is not None and filled == meta.nbytes:
-                    out[index] = _finish(meta, buf, texts[index])
-                    meta = buf = None
-            if meta is not None:
-                raise RemoteUnavailable(f"stream ended inside chunk {texts[index]}")
-            return out
-
-        return await self._call(run)
+        return await self._call(lambda t: self._stream.get(texts, t, into=into))
 
     # -- small RPCs ------------------------------------------------------------------
     async def lookup(self, keys: Sequence[KeyLike]) -> LookupResult:
         """How many leading keys the daemon has (in any tier), and where."""
-        req = pb.LookupRequest(keys=[_key_text(k) for k in keys])
+        req = pb.LookupRequest(keys=[key_text(k) for k in keys])
         reply = await self._call(lambda t: self._stub.Lookup(req, metadata=self._metadata, timeout=t))
         return LookupResult(reply.count, list(reply.tiers))
 
     async def exists(self, keys: Sequence[KeyLike]) -> list[bool]:
-        req = pb.ExistsRequest(keys=[_key_text(k) for k in keys])
+        req = pb.ExistsRequest(keys=[key_text(k) for k in keys])
         reply = await self._call(lambda t: self._stub.Exists(req, metadata=self._metadata, timeout=t))
         return list(reply.present)
 
     async def delete(self, keys: Sequence[KeyLike]) -> list[bool]:
-        req = pb.DeleteRequest(keys=[_key_text(k) for k in keys])
+        req = pb.DeleteRequest(keys=[key_text(k) for k in keys])
         reply = await self._call(lambda t: self._stub.Delete(req, metadata=self._metadata, timeout=t))
         return list(reply.found)
 
-
-def _finish(meta: ChunkMeta, buf: memoryview, key: str) -> Fetched:
-    if checksum(buf) != meta.checksum:
-        raise CorruptChunk(f"chunk {key} arrived corrupted (checksum mismatch)")
-    return Fetched(meta, buf)
-
-
-def _copy_into(out: torch.Tensor, got: Fetched) -> None:
-    room = out.numel() * out.element_size()
-    if got.meta.nbytes > room:
-        raise InvalidArgument(f"output has room for {room} bytes, the chunk has {got.meta.nbytes}")
-    if got.meta.nbytes:
-        out.reshape(-1).view(torch.uint8)[: got.meta.nbytes].copy_(torch.frombuffer(got.data, dtype=torch.uint8))

@@ -1,4 +1,5 @@
-"""Tensors and bytes <-> chunk payloads.
+"""What crosses a client's API: keys, values put (tensors and bytes <->
+chunk payloads), and chunks fetched.
 
 A tensor travels as its bytes (C order) with dtype and shape in the chunk
 metadata, so any reader rebuilds it exactly; bfloat16 and the float8 types
@@ -7,14 +8,56 @@ round-trip bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvstore.chunk import CANONICAL_LAYOUT, DTYPE_SIZES, Chunk, ChunkMeta, checksum
-from kvstore.errors import InvalidArgument
+from kvstore.errors import CorruptChunk, InvalidArgument
+from kvstore.keys import ChunkKey
 from kvstore.tiers.memory import as_uint8_tensor, tensor_view
 
 # A Chunk carries an already encoded payload with its metadata (codec, shape).
 Value = bytes | bytearray | memoryview | torch.Tensor | Chunk
+#: A key as clients take it: a ChunkKey or its string form.
+KeyLike = ChunkKey | str
+
+
+def key_text(key: KeyLike) -> str:
+    """The key's canonical string form (checked)."""
+    if isinstance(key, ChunkKey):
+        return str(key)
+    if isinstance(key, str):
+        return str(ChunkKey.parse(key))
+    raise InvalidArgument(f"a key must be a ChunkKey or its string form, not {type(key).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A chunk fetched from the daemon: metadata and payload bytes."""
+
+    meta: ChunkMeta
+    data: memoryview
+
+    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return to_tensor(self.meta, self.data, device)
+
+
+def fetched(meta: ChunkMeta, buf: memoryview, key: str) -> Fetched:
+    """The chunk received for ``key``, once its bytes match ``meta.checksum``;
+    raises CorruptChunk if they do not."""
+    if checksum(buf) != meta.checksum:
+        raise CorruptChunk(f"chunk {key} arrived corrupted (checksum mismatch)")
+    return Fetched(meta, buf)
+
+
+def copy_into(out: torch.Tensor, got: Fetched) -> None:
+    """Copy a fetched chunk's bytes into ``out`` (contiguous, CPU); InvalidArgument if it has too little room."""
+    room = out.numel() * out.element_size()
+    if got.meta.nbytes > room:
+        raise InvalidArgument(f"output has room for {room} bytes, the chunk has {got.meta.nbytes}")
+    if got.meta.nbytes:
+        out.reshape(-1).view(torch.uint8)[: got.meta.nbytes].copy_(torch.frombuffer(got.data, dtype=torch.uint8))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

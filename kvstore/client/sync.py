@@ -46,11 +46,12 @@ from typing import Any, TypeVar
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.aio import AsyncClient, ClientTLS, Fetched, KeyLike, LookupResult, _finish, _key_text
+from kvstore.client.aio import AsyncClient, LookupResult
+from kvstore.client.channel import ClientTLS
 from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.h2channel import H2GetChannel, parse_address
 from kvstore.client.h2wire import Target
-from kvstore.client.payload import Value, to_payload
+from kvstore.client.payload import Fetched, KeyLike, Value, fetched, key_text, to_payload
 from kvstore.client.blocking_channel import BlockingControlChannel
 from kvstore.client.shm import ClientSegment, get_item, put_item
 from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
@@ -181,7 +182,7 @@ class Client:
 
     def get_many(self, keys: Iterable[KeyLike]) -> list[Fetched | None]:
         keys = list(keys)
-        texts = [_key_text(k) for k in keys]
+        texts = [key_text(k) for k in keys]
         out: list[Fetched | None] = [None] * len(texts)
         rest = list(range(len(texts)))
         if texts and self._direct_reads:
@@ -198,12 +199,12 @@ class Client:
         got = self._h2_get(texts_left, None) if texts_left else None
         if got is None:
             got = self._run(self._aio.get_many([keys[i] for i in rest]))
-        for i, fetched in zip(rest, got, strict=True):
-            out[i] = fetched
+        for i, one in zip(rest, got, strict=True):
+            out[i] = one
         return out
 
     def get_into(self, key: KeyLike, out: torch.Tensor) -> ChunkMeta | None:
-        text = _key_text(key)
+        text = key_text(key)
         host = out.device.type == "cpu" and out.is_contiguous()
         if self._direct_reads and host:
             read = self._shared_read(text, out)
@@ -243,7 +244,7 @@ class Client:
             if not 0 <= header.index < len(texts):
                 raise RemoteUnavailable(f"the daemon answered for key {header.index} of {len(texts)}")
             if data is not None:
-                out[header.index] = _finish(meta_from_pb(header.meta), data, texts[header.index])
+                out[header.index] = fetched(meta_from_pb(header.meta), data, texts[header.index])
         return out
 
     def direct_reads_ready(self) -> bool:
@@ -307,7 +308,7 @@ class Client:
         to or None (put it another way); None: put them all another way."""
         if not self._direct_writes or not items:
             return None
-        texts = [_key_text(key) for key, _ in items]
+        texts = [key_text(key) for key, _ in items]
         direct = self._direct()
         return None if direct is None else direct[1].try_put_many(texts, [value for _, value in items], durable)
 
@@ -326,7 +327,7 @@ class Client:
         if off is None:
             return None
         meta, _ = to_payload(value, with_checksum=False)
-        req = pb.ShmPutRequest(items=[put_item(seg, _key_text(key), meta, off)], durable=durable)
+        req = pb.ShmPutRequest(items=[put_item(seg, key_text(key), meta, off)], durable=durable)
         body = self._direct_call(ch, KIND_PUT, req)
         return None if body is None else pb.PutReply.FromString(body).results[0].tier
 

@@ -151,7 +151,8 @@ class PeerTier(Tier):
         self._client = self._make_client()
 
     def _make_client(self) -> AsyncClient:
-        from kvstore.client.aio import AsyncClient, ClientTLS
+        from kvstore.client.aio import AsyncClient
+        from kvstore.client.channel import ClientTLS
 
         cfg = self.config
         token = cfg.token
