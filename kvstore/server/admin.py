@@ -27,8 +27,7 @@ from kvstore.errors import CodecError, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.metrics import Metrics, TierSnapshot
 from kvstore.server.auth import Principal, TokenTable, principal_of
-from kvstore.server.messages import parse_key
-from kvstore.server.service import lenient
+from kvstore.server.messages import lenient, parse_key
 from kvstore.server.shm import FailedPrecondition
 from kvstore.store import Evicted, TieredStore
 from kvstore.v1 import admin_pb2 as apb

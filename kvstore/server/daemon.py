@@ -35,7 +35,8 @@ from kvstore.server.auth import TokenTable
 from kvstore.http2 import ASK_HEADER, PORT_HEADER
 from kvstore.server.h2get import GetListener
 from kvstore.server.limits import server_options
-from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService, lenient
+from kvstore.server.messages import lenient
+from kvstore.server.service import MAX_PUT_FRAME, MIN_FRAME, KVStoreService
 from kvstore.store import TieredStore
 from kvstore.tiers import make_tier
 from kvstore.v1 import kvstore_pb2 as pb
@@ -86,7 +87,7 @@ def _get(service: KVStoreService, get_port: Callable[[], int]) -> Callable[[Any,
 def kvstore_handlers(service: KVStoreService, get_port: Callable[[], int] = lambda: 0) -> grpc.GenericRpcHandler:
     """The KVStore service's handlers, with fast data-frame (de)serialisers for
     Put and Get (see :mod:`kvstore.server.frames`); the wire format is unchanged.
-    Malformed requests are answered INVALID_ARGUMENT (see :func:`~kvstore.server.service.lenient`).
+    Malformed requests are answered INVALID_ARGUMENT (see :func:`~kvstore.server.messages.lenient`).
     A Get that asks (:data:`~kvstore.server.h2get.ASK_HEADER`) is told ``get_port()``, the
     port of the daemon's HTTP/2 Get listener, when that is not 0."""
     unary: dict[str, tuple[type[Message], type[Message]]] = {

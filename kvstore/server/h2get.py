@@ -49,7 +49,8 @@ from kvstore.server.h2conn import (
     DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, LINGER_S, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED,
     H2Connection, Stream,
 )
-from kvstore.server.service import KVStoreService, lenient
+from kvstore.server.messages import lenient
+from kvstore.server.service import KVStoreService
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -6,20 +6,23 @@ status with a message that says what was wrong.  Nothing becomes visible
 before its bytes are complete and match their checksum; a handler that fails
 leaves what was stored before it unchanged.  Checksums and large copies run
 in worker threads (xxhash and torch release the GIL), off the event loop.
+
+The shared-memory side (registered segments, the control channel, the shared
+arena, direct writes) is :class:`~kvstore.server.shm_service.SharedMemory`;
+``RegisterSegment``, ``ReleaseSegment``, ``ShmPut`` and ``ShmGet`` here
+authenticate the caller and hand over to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.config import LimitsConfig
@@ -28,20 +31,16 @@ from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal, TokenTable, principal_of
 from kvstore.server.buffers import RecvBuffer
-from kvstore.server.direct_writes import DirectWrites
 from kvstore.server.frames import HeaderWithData
 from kvstore.server.limits import Limits
 from kvstore.server.messages import meta_from_pb, meta_to_pb, parse_key
-from kvstore.server.shm import SegmentTable
-from kvstore.server.shm_channel import ShmChannel
+from kvstore.server.shm_service import SharedMemory
 from kvstore.store import TieredStore
-from kvstore.tiers.copier import Copier, finish, when_done
+from kvstore.tiers.copier import Copier
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
 
 MIN_FRAME = 64 << 10
 #: Largest data frame a Put may carry: the largest ``frame_bytes`` a client
@@ -80,39 +79,30 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         self._frame = frame_bytes
         self._max_chunk = max_chunk_bytes
         self._max_batch = max_batch
-        self._segments = SegmentTable() if shm else None
-        self._direct_reads = shm_direct_reads
-        self._direct_writes = shm_direct_writes
-        #: ShmPut/ShmGet over a Unix socket (shm_channel.py), started on the first RegisterSegment.
-        self._shm_channel: ShmChannel | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
-        #: Shared-memory gets: the copy into the client's segment, split over the pool's threads.
-        self._copier = Copier(self._pool, threads, inline_max=THREAD_MIN)
         if limits is None:
             limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
         #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py):
         #: a flood of puts gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
         self.limits = Limits(
             limits, store, max_concurrent_streams=max_concurrent_streams, frame_bytes=frame_bytes,
-            client_mapped=lambda: 0 if self._segments is None else self._segments.mapped_bytes,
+            client_mapped=lambda: self.shm.mapped_bytes,
         )
         self.requests = 0
-        #: Puts local clients write into the CPU tier's memory themselves (direct_writes.py).
-        self.direct_writes = DirectWrites(
-            store, self.limits, self._metrics, max_chunk_bytes=max_chunk_bytes, max_batch=max_batch,
-            reserved_share=shm_reserved_share, why_not=self._why_no_direct_writes,
+        #: Segments, the control channel, the shared arena, direct writes (shm_service.py).
+        self.shm = SharedMemory(
+            store, self.limits, self._metrics, tokens=tokens, enabled=shm, direct_reads=shm_direct_reads,
+            direct_writes=shm_direct_writes, reserved_share=shm_reserved_share, max_chunk_bytes=max_chunk_bytes,
+            max_batch=max_batch, copier=Copier(self._pool, threads, inline_max=THREAD_MIN),
+            check_meta=self._check_meta, offload=self._offload, fetch=self._fetch,
         )
 
     async def drain(self, timeout_s: float | None) -> None:
         """Let the shared-memory requests being served finish and refuse new ones (see ShmChannel.drain)."""
-        if self._shm_channel is not None:
-            await self._shm_channel.drain(timeout_s)
+        await self.shm.drain(timeout_s)
 
     def close(self) -> None:
-        if self._shm_channel is not None:
-            self._shm_channel.close()
-        if self._segments is not None:
-            self._segments.close()
+        self.shm.close()
         self._pool.shutdown(wait=True)
 
     # -- plumbing ----------------------------------------------------------
@@ -146,22 +136,6 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             raise CapacityError(
                 f"{where}: chunk of {meta.nbytes} bytes exceeds the daemon's max_chunk_bytes ({self._max_chunk})"
             )
-
-    async def _copy_out(self, chunk: Chunk, dst: memoryview) -> None:
-        """Copy ``chunk``'s payload into ``dst`` and release the chunk, only once no
-        copy thread reads it any more (also when this call is cancelled)."""
-        if not dst.nbytes:
-            chunk.release()
-            return
-        try:
-            copying = self._copier.start(dst, chunk.payload)
-        except BaseException:
-            chunk.release()
-            raise
-        try:
-            await finish(copying)
-        finally:
-            when_done(copying, chunk.release)
 
     # -- Put -----------------------------------------------------------------
     async def Put(
@@ -367,163 +341,27 @@ class KVStoreService(pb_grpc.KVStoreServicer):
 
         return await self._run(context, run)
 
-    # -- shared memory -----------------------------------------------------------
-    def _channel(self) -> ShmChannel:
-        if self._shm_channel is None:
-            self._shm_channel = ShmChannel(
-                self._segs().authenticate, self.shm_put, self.shm_get, self._metrics.observe_rpc,
-                attach=self.shared_arena, touched=self.note_shared_reads, writes=self.direct_writes,
-            )
-        return self._shm_channel
-
-    def shared_arena(self, principal: Principal, writable: bool = False) -> tuple[bytes, tuple[int, int]]:
-        """What a local client needs to read chunks from the CPU tier's memory
-        itself (kvstore/tiers/shared_arena.py), or FailedPrecondition saying why not;
-        ``writable``: it asks to write into it too (direct writes), granted when offered."""
-        from kvstore.server.shm import FailedPrecondition
-
-        if self._tokens is not None:
-            raise FailedPrecondition(
-                "direct reads are off: the daemon has a token file, and its memory holds every tenant's chunks"
-            )
-        if not self._direct_reads:
-            raise FailedPrecondition("direct reads are off (server.shm_direct_reads: false)")
-        tier = self._store.shared_tier()
-        if tier is None or tier.shared is None:
-            raise FailedPrecondition("no tier shares its memory (that takes an unpinned cpu tier on x86-64)")
-        writable = writable and self.direct_writes.offered()
-        return tier.shared.describe(writable=writable), tier.shared.client_fds(writable=writable)
-
-    def _why_no_direct_writes(self) -> str | None:
-        if self._tokens is not None:
-            return "the daemon has a token file, and its memory holds every tenant's chunks"
-        if not self._direct_writes:
-            return "server.shm_direct_writes is false"
-        if not self._direct_reads:
-            return "they come with direct reads, and server.shm_direct_reads is false"
-        if self._store.writable_tier() is None:
-            return "the top tier does not share its memory (that takes an unpinned cpu tier on x86-64)"
-        return None
-
-    def note_shared_reads(self, reads: list[tuple[str, float]], principal: Principal) -> None:
-        """Count reads a client made from the shared arena, as gets served from its tier."""
-        for text, seconds in reads:
-            try:
-                key = parse_key(text, "key")
-            except InvalidArgument:
-                continue
-            read = self._store.note_shared_read(key)
-            if read is not None:
-                self._metrics.record_read(key, *read, seconds)
-                self._metrics.shared_reads += 1
-
-    def _segs(self) -> SegmentTable:
-        if self._segments is None:
-            from kvstore.server.shm import FailedPrecondition
-
-            raise FailedPrecondition("the shared-memory path is disabled on this daemon (server.shm: false)")
-        return self._segments
-
+    # -- shared memory (shm_service.py) ---------------------------------------------
     async def RegisterSegment(
         self, request: pb.RegisterSegmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RegisterSegmentReply:
-        async def run() -> pb.RegisterSegmentReply:
-            principal = self._principal(context)
-            seg_id = self._segs().register(request.name, request.size, request.nonce, principal)
-            try:
-                control = await self._channel().ensure_started()
-            except OSError as exc:
-                log.warning("shared-memory control channel unavailable (%s); clients use ShmPut/ShmGet", exc)
-                control = ""
-            return pb.RegisterSegmentReply(segment_id=seg_id, control_socket=control)
-
-        return await self._run(context, run)
+        return await self._run(context, lambda: self.shm.register(request, self._principal(context)))
 
     async def ReleaseSegment(
         self, request: pb.ReleaseSegmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReleaseSegmentReply:
         async def run() -> pb.ReleaseSegmentReply:
-            self._segs().release(request.segment_id, self._principal(context).tenant)
+            # A daemon without the path says so before it looks at who asks.
+            self.shm.segments().release(request.segment_id, self._principal(context).tenant)
             return pb.ReleaseSegmentReply()
 
         return await self._run(context, run)
 
     async def ShmPut(self, request: pb.ShmPutRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PutReply:
-        return await self._run(context, lambda: self.shm_put(request, self._principal(context)))
-
-    async def shm_put(self, request: pb.ShmPutRequest, principal: Principal) -> pb.PutReply:
-        """ShmPut for a caller already authenticated (over gRPC, or the shm channel)."""
-        segs = self._segs()
-        if len(request.items) > self._max_batch:
-            raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
-        staged = []
-        for i, item in enumerate(request.items):
-            where = f"items[{i}]"
-            key = parse_key(item.key, f"{where}.key")
-            principal.check_key(key, write=True)
-            meta = meta_from_pb(item.meta, f"{where}.meta")
-            self._check_meta(meta, where)
-            await self.limits.make_room_for_tenant(key, meta.nbytes)
-            if item.slice.length != meta.nbytes:
-                raise InvalidArgument(
-                    f"{where}: slice length {item.slice.length} differs from meta.nbytes {meta.nbytes}"
-                )
-            seg = segs.get(item.slice.segment_id, principal.tenant)
-            staged.append((key, meta, seg.view(item.slice.offset, item.slice.length), item.daemon_checksum))
-        # Every item is checked before any is stored: a failed request stores nothing.
-        # Items whose checksum the daemon computes are checksummed as stored, by the
-        # tier, over its own copy (Tier.put_summing): the checksum then describes the
-        # bytes stored even if the client rewrites its segment meanwhile.
-        started = time.perf_counter()
-        checked = []
-        for i, (key, meta, view, ours) in enumerate(staged):
-            if not ours:
-                got = await self._offload(meta.nbytes, checksum, view)
-                if got != meta.checksum:
-                    raise CorruptChunk(f"items[{i}]: chunk {key}: payload fails its checksum")
-            checked.append((key, meta, view, ours))
-        results = []
-        for key, meta, view, ours in checked:
-            tier = await self._store.put(key, Chunk(meta, view), durable=request.durable, verified=True, summing=ours)
-            results.append(pb.PutResult(key=str(key), tier=tier))
-        elapsed = time.perf_counter() - started
-        written = [(k, r.tier, m.nbytes) for (k, m, _, _), r in zip(checked, results, strict=True)]
-        self._metrics.record_writes(written, elapsed)
-        return pb.PutReply(results=results)
-
+        return await self._run(context, lambda: self.shm.put(request, self._principal(context)))
 
     async def ShmGet(self, request: pb.ShmGetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ShmGetReply:
-        return await self._run(context, lambda: self.shm_get(request, self._principal(context)))
-
-    async def shm_get(self, request: pb.ShmGetRequest, principal: Principal) -> pb.ShmGetReply:
-        """ShmGet for a caller already authenticated (over gRPC, or the shm channel)."""
-        segs = self._segs()
-        if len(request.items) > self._max_batch:
-            raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
-        targets = []
-        for i, item in enumerate(request.items):
-            key = parse_key(item.key, f"items[{i}].key")
-            principal.check_key(key)
-            seg = segs.get(item.slice.segment_id, principal.tenant)
-            targets.append((key, seg.view(item.slice.offset, item.slice.length)))
-        results = []
-        for key, dst in targets:
-            started, tier = time.perf_counter(), self._store.locate(key)
-            with contextlib.ExitStack() as held:
-                chunk = await self._fetch(key, held)
-                if chunk is None:
-                    self._metrics.record_miss(key)
-                    results.append(pb.ShmGetResult(found=False))
-                    continue
-                n = chunk.meta.nbytes
-                if n > dst.nbytes:
-                    chunk.release()
-                    results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=False))
-                    continue
-                await self._copy_out(chunk, dst[:n])
-            results.append(pb.ShmGetResult(found=True, meta=meta_to_pb(chunk.meta), written=True))
-            self._metrics.record_read(key, tier, n, time.perf_counter() - started)
-        return pb.ShmGetReply(results=results)
+        return await self._run(context, lambda: self.shm.get(request, self._principal(context)))
 
 
 def chunk_reply(
@@ -546,16 +384,3 @@ def chunk_reply(
     for off in range(first, chunk.meta.nbytes, frame):
         yield payload[off : off + frame]
 
-
-def lenient(cls: type[M]) -> Callable[[bytes], M | InvalidArgument]:
-    """A request deserializer that hands a malformed request to the handler as
-    an error to answer with INVALID_ARGUMENT.  Raising inside grpc instead
-    would answer UNKNOWN and log a traceback for every bad request."""
-
-    def decode(raw: bytes) -> M | InvalidArgument:
-        try:
-            return cls.FromString(raw)
-        except DecodeError as exc:
-            return InvalidArgument(f"malformed {cls.__name__}: {exc}")
-
-    return decode

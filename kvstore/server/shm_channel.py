@@ -6,9 +6,9 @@ chunk; the same request over a Unix socket costs about 0.05 ms.  So a client
 that has registered a segment (over gRPC, where it authenticated) may send
 its ShmPut and ShmGet requests here instead.  The gRPC methods stay the API
 and the fallback: the channel carries exactly their request and reply
-messages, served by the same code (``KVStoreService.shm_put`` / ``shm_get``),
-so validation, tenant checks, bounds checks, checksums and limits are those
-of the gRPC path.
+messages, served by the same code (``SharedMemory.put`` / ``get`` in
+shm_service.py), so validation, tenant checks, bounds checks, checksums and
+limits are those of the gRPC path.
 
 Wire format, both directions: ``u32 length (little-endian) | u8 kind | body``
 where ``length`` counts kind + body.
