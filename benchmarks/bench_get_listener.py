@@ -28,7 +28,7 @@ from collections.abc import Callable
 import redis
 import torch
 
-from kvstore.bench.peers import RedisPeer
+from kvstore.bench.peer_redis import RedisPeer
 from kvstore.bench.runner import spawn_daemon
 from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace

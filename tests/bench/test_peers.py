@@ -1,4 +1,5 @@
-"""Tests of kvstore.bench.peers against the real peer servers on loopback.
+"""Tests of kvstore.bench.peers, peer_redis and peer_lmcache against the real
+peer servers on loopback.
 
 Redis needs a ``redis-server`` binary (CI installs it); the LMCache peers need
 the virtualenv made by ``benchmarks/peers/install.sh``. Each is skipped, with
@@ -13,17 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from kvstore.bench.peer_lmcache import LMCacheMPPeer, LMCacheTCPPeer, default_venv
+from kvstore.bench.peer_redis import RedisPeer
 from kvstore.bench.peers import (
     MIB,
     Finding,
-    LMCacheMPPeer,
-    LMCacheTCPPeer,
     PeerReport,
     PeerResult,
     PeerUnavailable,
-    RedisPeer,
     bench_peers,
-    default_venv,
     run_findings,
     run_peer,
 )
