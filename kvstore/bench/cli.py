@@ -61,7 +61,8 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvstore.bench.runner import dump_json, plot, render_table, run
+    from kvstore.bench.report import dump_json, plot, render_table
+    from kvstore.bench.runner import run
 
     if args.iters < 1 or args.warmup < 0:
         raise SystemExit("kvstore bench: --iters must be >= 1 and --warmup >= 0")
