@@ -25,8 +25,11 @@ write-through that was already under way.
 
 Modules: :mod:`~kvstore.store.settings` (per-tier settings), :mod:`~kvstore.store.results`
 (counters and reports), :mod:`~kvstore.store.slots` (the bookkeeping of one tier, per-key
-locks), :mod:`~kvstore.store.core` (the data path), :mod:`~kvstore.store.control` (run-time
-control: the Admin service's calls).
+locks), and the layers of :class:`TieredStore`, each a class built on the one before:
+:mod:`~kvstore.store.admission` (the tiers, quotas, admission into a tier and eviction),
+:mod:`~kvstore.store.writethrough` (write-through queues and workers),
+:mod:`~kvstore.store.core` (the data path: lifecycle, put, direct writes, get, lookup, delete),
+:mod:`~kvstore.store.control` (run-time control: the Admin service's calls).
 """
 
 from kvstore.store.control import TieredStore
