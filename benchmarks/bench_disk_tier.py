@@ -46,7 +46,8 @@ import numpy as np
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.tiers.disk import DiskTier, DiskTierConfig
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk_config import DiskTierConfig
 
 MiB = 1 << 20
 DEFAULT_IO_THREADS = next(f.default for f in fields(DiskTierConfig) if f.name == "io_threads")

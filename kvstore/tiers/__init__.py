@@ -30,7 +30,8 @@ def make_tier(cfg: TierConfig) -> Tier:
 
         return GpuTier(cfg.name, GpuTierConfig(capacity_bytes=cfg.capacity_bytes))
     if cfg.kind == "disk":
-        from kvstore.tiers.disk import DiskTier, DiskTierConfig
+        from kvstore.tiers.disk import DiskTier
+        from kvstore.tiers.disk_config import DiskTierConfig
 
         assert cfg.path is not None  # checked by TierConfig
         return DiskTier(cfg.name, DiskTierConfig(path=cfg.path, capacity_bytes=cfg.capacity_bytes))

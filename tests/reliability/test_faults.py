@@ -39,7 +39,8 @@ from kvstore.errors import CapacityError
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.store import TieredStore, TierSettings
 from kvstore.tiers.cpu import CpuTier, CpuTierConfig
-from kvstore.tiers.disk import DiskTier, DiskTierConfig
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk_config import DiskTierConfig
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from tests.server import SERVING, MiB, blob, health, key, raw_get, raw_put, rpc_error, stub

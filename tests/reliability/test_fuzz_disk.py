@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.tiers.disk import DiskTier, DiskTierConfig
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk_config import DiskTierConfig
 from tests.reliability import fuzz_count
 
 NS = Namespace("fuzz", "disk/model")

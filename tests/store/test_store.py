@@ -17,7 +17,8 @@ from kvstore.keys import ChunkKey, Namespace
 from kvstore.pins import PinTable
 from kvstore.store import TieredStore, TierSettings
 from kvstore.tiers.cpu import CpuTier, CpuTierConfig
-from kvstore.tiers.disk import DiskTier, DiskTierConfig
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk_config import DiskTierConfig
 
 MiB = 1 << 20
 NS = Namespace("t", "m")

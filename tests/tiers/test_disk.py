@@ -27,11 +27,11 @@ from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.disk import (
     HEADER_BOUND,
     DiskTier,
-    DiskTierConfig,
     decode_header,
     encode_header,
     key_hash,
 )
+from kvstore.tiers.disk_config import DiskTierConfig
 
 MiB = 1 << 20
 

@@ -19,7 +19,8 @@ import blake3
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.tiers.disk import DiskTier, DiskTierConfig
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk_config import DiskTierConfig
 
 IN_FLIGHT = 4
 ROUNDS = 4
