@@ -1,20 +1,23 @@
 """The server side of HTTP/2 (RFC 9113) for gRPC calls ("PROTOCOL-HTTP2"), one
 connection per :class:`H2Connection`: what kvstore's own Get listener
-(kvstore/server/h2get.py) speaks, without the call it serves.
+(kvstore/server/h2get.py) speaks, without the call it serves.  This module is
+the connection's life and the frames it reads; what it sends for a call is its
+base class, :class:`~kvstore.server.h2send.H2Sender` (kvstore/server/h2send.py).
 
 * the client preface, then SETTINGS both ways; flow control on what it sends
   (connection and stream windows, the peer's SETTINGS_INITIAL_WINDOW_SIZE and
-  SETTINGS_MAX_FRAME_SIZE), WINDOW_UPDATE for what it receives;
+  SETTINGS_MAX_FRAME_SIZE, kept here from the frames read; H2Sender sends
+  within them), WINDOW_UPDATE for what it receives;
 * header blocks with CONTINUATION, decoded without ``hpack`` when they only use
-  HPACK literals (kvstore's client) and with it otherwise; replies written as
-  HPACK literals (no state); a trailers-only reply for errors before any message;
+  HPACK literals (kvstore's client) and with it otherwise;
 * PING, RST_STREAM (cancels the call), GOAWAY both ways; a frame that breaks the
   protocol closes the connection with GOAWAY and the matching error code;
 * closing without losing a reply: the write side is shut once flushed, and what
   the client still sends is drained until it closes too;
 * a request whose headers and body are complete goes to :meth:`H2Connection._start`,
   which a subclass defines; it answers with :meth:`_send` and :meth:`_end`, or
-  writes a whole reply at once with :meth:`_data_frames` and :meth:`_write_pieces`.
+  writes a whole reply at once with :meth:`_data_frames` and :meth:`_write_pieces`
+  (H2Sender's).
 
 Not implemented: server push, priorities (ignored), HTTP/1.1 (answered 505 and closed).
 """
@@ -31,13 +34,13 @@ import struct
 import hpack
 
 from kvstore.http2 import (
-    ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR,
-    FRAME_SIZE_ERROR, GOAWAY, HEADERS, INTERNAL_ERROR, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING,
-    PREFACE, PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE, REFUSED_STREAM, RST_STREAM, SETTINGS,
-    SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE,
-    SETTINGS_MAX_HEADER_LIST_SIZE, STREAM_CLOSED, WINDOW_UPDATE, frame, frame_header, grpc_message, literal,
-    parse_frame_header, stateless_fields,
+    ACK, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, MIN_FRAME, NO_ERROR, PADDED, PING, PREFACE,
+    PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE, REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE, STREAM_CLOSED,
+    WINDOW_UPDATE, frame, parse_frame_header, stateless_fields,
 )
+from kvstore.server.h2send import RESOURCE_EXHAUSTED, H2Sender, Stream
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,8 @@ MAX_HEADER_LIST = 64 << 10
 WRITE_HIGH = 1 << 20
 #: Seconds a closing connection waits for the client to close its side.
 LINGER_S = 5.0
-#: Pieces smaller than this are joined with the frame headers around them.
-JOIN_BELOW = 64 << 10
 #: SO_SNDBUF of each connection (the kernel caps it at net.core.wmem_max).
 SOCKET_BUFFER = 4 << 20
-
-# gRPC status codes.
-OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 4, 8, 12, 13
-
-#: ``:status 200`` (static table index 8) and the content type.
-REPLY_HEADERS = b"\x88" + literal("content-type", "application/grpc")
-OK_TRAILERS = literal("grpc-status", "0")
 
 
 class ProtocolError(Exception):
@@ -72,62 +66,26 @@ class ProtocolError(Exception):
         self.code = code
 
 
-class Stream:
-    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial")
-
-    def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
-        self.id = stream_id
-        self.fields = fields
-        self.body = bytearray()
-        self.window = window  # bytes we may still send on it
-        self.unacked = 0  # bytes received and not yet given back
-        self.task: asyncio.Task[None] | None = None
-        self.replying = False  # response headers sent
-        self.ended = False  # trailers sent
-        self.partial = False  # a message begun and not finished
-
-
-def _next_bytes(views: list[memoryview], at: int, off: int, n: int) -> tuple[list[memoryview], int, int]:
-    """The next ``n`` bytes of the concatenation of ``views``, from byte ``off`` of
-    ``views[at]``, as slices; and where the bytes after them start."""
-    out = []
-    while n:
-        view = views[at]
-        k = min(len(view) - off, n)
-        out.append(view[off : off + k])
-        off += k
-        n -= k
-        if off == len(view):
-            at, off = at + 1, 0
-    return out, at, off
-
-
-class H2Connection(asyncio.Protocol):
+class H2Connection(H2Sender, asyncio.Protocol):
     """One client's HTTP/2 connection; see the module docstring."""
 
     def __init__(self, connections: set[H2Connection], max_streams: int) -> None:
+        super().__init__()
         #: The listener's open connections: this one is in it while open.
         self._connections = connections
         self._max_streams = max_streams
-        self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._preface = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
         self._streams: dict[int, Stream] = {}
         self._last_stream = 0
-        self._window = DEFAULT_WINDOW  # connection: bytes we may still send
         self._initial = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
-        self._max_frame = MIN_FRAME  # the peer's SETTINGS_MAX_FRAME_SIZE
         self._received = 0  # connection: bytes received and not yet given back
-        self._changed = asyncio.Event()  # a window grew, writing resumed, or the connection went
-        self._paused = False
-        self._closed = False
         self._going = False  # our GOAWAY sent: no new streams
         self._peer_going = False
         self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
         self.peer = "unknown"
-        self._sock: socket.socket | None = None
         self._linger: asyncio.TimerHandle | None = None
         #: Done once the connection is closed (both ways).
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -166,13 +124,6 @@ class H2Connection(asyncio.Protocol):
         for st in self._streams.values():
             if st.task is not None:
                 st.task.cancel()
-        self._wake()
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
         self._wake()
 
     def eof_received(self) -> bool:
@@ -233,13 +184,6 @@ class H2Connection(asyncio.Protocol):
         if (self._going or self._peer_going) and not self._streams:
             self.close()
 
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _write(self, data: bytes | memoryview) -> None:
-        if not self._closed and self._transport is not None:
-            self._transport.write(data)
 
     # -- reading frames ----------------------------------------------------------------
     def _parse(self) -> None:
@@ -457,97 +401,3 @@ class H2Connection(asyncio.Protocol):
     def _start(self, st: Stream) -> None:
         """``st``'s request is complete (headers in ``st.fields``, body in ``st.body``): serve it."""
         raise NotImplementedError
-
-    def _data_frames(
-        self, stream: int, parts: tuple[bytes | memoryview, ...], out: list[bytes | memoryview],
-        small: list[bytes | memoryview],
-    ) -> None:
-        """Append to ``out`` the DATA frames carrying ``parts`` (frames of at most the
-        peer's size).  Pieces under :data:`JOIN_BELOW` gather in ``small`` (bytes due
-        before them may be there already) and go out joined before the next large
-        one; what is left in ``small`` is the caller's to send."""
-        views = [memoryview(p) for p in parts]
-        left = sum(len(v) for v in views)
-        at = off = 0
-        while left:
-            n = min(left, self._max_frame)
-            small.append(frame_header(DATA, 0, stream, n))
-            slices, at, off = _next_bytes(views, at, off, n)
-            for piece in slices:
-                if len(piece) < JOIN_BELOW:
-                    small.append(piece)
-                else:
-                    out.append(b"".join(small))
-                    out.append(piece)
-                    small.clear()
-            left -= n
-
-    async def _send(self, st: Stream, pieces: tuple[bytes | memoryview, ...], *, trailers: bool = False) -> None:
-        """One gRPC message of ``pieces`` in DATA frames, as the windows allow; with
-        ``trailers``, the OK trailers in the same write as its last frame."""
-        first = b""
-        if not st.replying:
-            st.replying = True
-            first = frame(HEADERS, END_HEADERS, st.id, REPLY_HEADERS)
-        total = sum(len(p) for p in pieces)
-        views = [memoryview(struct.pack(">BI", 0, total)), *(memoryview(p) for p in pieces)]
-        left, at, off = total + 5, 0, 0
-        while left:
-            n = await self._allowance(st, left)
-            self._window -= n
-            st.window -= n
-            slices, at, off = _next_bytes(views, at, off, n)
-            out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n), *slices]
-            first = b""
-            left -= n
-            if trailers and not left:
-                out.append(frame(HEADERS, END_HEADERS | END_STREAM, st.id, OK_TRAILERS))
-                st.ended = True
-            self._write_pieces(out)
-            st.partial = left > 0  # part of the message is on the wire
-
-    def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
-        """Write ``pieces`` in order: in one sendmsg when the transport has nothing
-        buffered (no copy, one system call, one segment for the small ones), what
-        the socket did not take through the transport."""
-        if self._closed or self._transport is None:
-            return
-        sent = 0
-        if self._sock is not None and not self._transport.get_write_buffer_size():
-            try:
-                sent = self._sock.sendmsg(pieces)
-            except OSError:
-                # Full (EAGAIN), interrupted, or the connection broke: everything goes to the
-                # transport, which buffers it or reports the failure (connection_lost).
-                sent = 0
-        for piece in pieces:
-            if sent >= len(piece):
-                sent -= len(piece)
-                continue
-            self._transport.write(piece[sent:] if sent else piece)
-            sent = 0
-
-    async def _allowance(self, st: Stream, want: int) -> int:
-        """Bytes of the next DATA frame, once the windows and the transport allow any."""
-        while True:
-            if self._closed:
-                raise ConnectionError("the connection closed")
-            n = min(want, self._max_frame, self._window, st.window)
-            if n > 0 and not self._paused:
-                return n
-            await self._changed.wait()
-
-    def _end(self, st: Stream, code: int, message: str) -> None:
-        """Trailers with the call's status (a trailers-only reply if nothing was sent)."""
-        if self._streams.get(st.id) is not st or st.ended:
-            return  # reset meanwhile, or the trailers went with the last message
-        if st.partial:  # a message cut off (its deadline passed while it waited for the window)
-            self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", CANCEL if code == DEADLINE_EXCEEDED else INTERNAL_ERROR)))
-            return
-        block = b"" if st.replying else REPLY_HEADERS
-        if code == OK:
-            block += OK_TRAILERS
-        else:
-            block += literal("grpc-status", str(code)) + literal("grpc-message", grpc_message(message)[:4096])
-        self._write(frame(HEADERS, END_HEADERS | END_STREAM, st.id, block))
-

@@ -18,13 +18,15 @@ its gets there; any gRPC client may call Get on this port (grpcio is tested
 as one).  Every other method is answered UNIMPLEMENTED with the main port.
 
 The HTTP/2 side (flow control, frames, GOAWAY, graceful close) is
-kvstore/server/h2conn.py; this module is the call: the request checked
-(method, path, content type, ``grpc-timeout``, one uncompressed message),
-then served at once from the socket callback when every chunk is in the top
-tier's host memory and the reply fits the windows (headers, data frames from
-the tier's memory and trailers in one ``sendmsg``; no task), else by the
-handler in a task, message by message as the windows allow.  Graceful stop:
-GOAWAY, calls in flight finish (up to the grace period), the connections close.
+kvstore/server/h2conn.py, with what it sends (DATA frames as the windows
+allow, replies, sendmsg) in kvstore/server/h2send.py; this module is the
+call: the request checked (method, path, content type, ``grpc-timeout``,
+one uncompressed message), then served at once from the socket callback
+when every chunk is in the top tier's host memory and the reply fits the
+windows (headers, data frames from the tier's memory and trailers in one
+``sendmsg``; no task), else by the handler in a task, message by message
+as the windows allow.  Graceful stop: GOAWAY, calls in flight finish (up to
+the grace period), the connections close.
 Not implemented: compressed messages (UNIMPLEMENTED).
 """
 
@@ -45,9 +47,9 @@ from kvstore.errors import KVStoreError
 from kvstore.http2 import END_HEADERS, END_STREAM, GET_PATH, HEADERS, STATUS_NAMES, frame, parse_grpc_timeout
 from kvstore.metrics import Metrics
 from kvstore.server import frames
-from kvstore.server.h2conn import (
-    DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, LINGER_S, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED,
-    H2Connection, Stream,
+from kvstore.server.h2conn import LINGER_S, H2Connection
+from kvstore.server.h2send import (
+    DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED, Stream,
 )
 from kvstore.server.messages import lenient
 from kvstore.server.service import KVStoreService
