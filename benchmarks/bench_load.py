@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from kvstore.server.limits import resident_bytes
+from kvstore.server.resident import resident_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]

@@ -117,7 +117,7 @@ class DirectWrites:
         written: list[tuple[ChunkKey, str, int]] = []
         copying = sum(i.micros for i in request.items) / 1e6  # the clients' copies, told
         for key, meta, off in items:
-            await self._limits.make_room_for_tenant(key, meta.nbytes)
+            await self._limits.quotas.make_room_for_tenant(key, meta.nbytes)
             tier = await self._store.put_reserved(
                 key, off, meta, durable=request.durable,
                 adopted=functools.partial(held.pop, off),  # the chunk's block from then on

@@ -18,17 +18,15 @@ state; the service calls it at the entry of its handlers:
   out copies (disk, Redis, a peer, device memory): the copy is charged
   against ``max_memory_bytes`` while the get holds it, and a get that could
   pass the bound is refused;
-* :meth:`Limits.make_room_for_tenant` before a chunk is admitted: a tenant
-  with a quota evicts its own chunks (all its models together) to make room,
-  and is refused only when what is left is pinned.
+* ``Limits.quotas`` (:class:`~kvstore.server.tenant_quotas.TenantQuotas`):
+  ``make_room_for_tenant`` before a chunk is admitted: a tenant with a quota
+  evicts its own chunks (all its models together) to make room, and is
+  refused only when what is left is pinned.
 
-Resident memory is the kernel's count of the process's pages, anonymous,
-file-backed and shared (``RssAnon + RssFile + RssShmem`` in
-``/proc/self/status``; the CPU tier's arena is shared memory when local
-clients may read it, kvstore/tiers/shared_arena.py), less the shared-memory
-segments that clients create and the daemon maps: they belong to the client
-(the kernel charges a shared page to the cgroup that first touched it, the
-client, which writes it first).
+Resident memory is the kernel's count of the process's pages less the
+shared-memory segments that clients create and the daemon maps, as
+:func:`~kvstore.server.resident.resident_bytes` reads it
+(kvstore/server/resident.py says which pages, and why).
 
 Memory accounting
 -----------------
@@ -63,20 +61,16 @@ daemon hands them back to the kernel (``munmap``), then freed heap memory
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import functools
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
-
-import psutil
+from typing import Any
 
 from kvstore.config import LimitsConfig, format_size
-from kvstore.errors import CapacityError, QuotaExceeded
-from kvstore.keys import ChunkKey, Namespace
+from kvstore.errors import CapacityError
 from kvstore.server.buffers import BufferPool, RecvBuffer
+from kvstore.server.resident import malloc_trim, resident_bytes
+from kvstore.server.tenant_quotas import TenantQuotas
 from kvstore.store import TieredStore
 
 #: Resident memory is read at most this often (reading /proc costs ~20 us).
@@ -130,46 +124,8 @@ def server_options(options: list[tuple[str, Any]], config: LimitsConfig, frame_b
     ]
 
 
-def resident_bytes(pid: int | None = None, *, not_ours: int = 0) -> int:
-    """Resident memory (RssAnon + RssFile + RssShmem), in bytes, of this process
-    or of ``pid``, less ``not_ours`` bytes of shared memory mapped from others."""
-    try:
-        with open(f"/proc/{'self' if pid is None else pid}/status", "rb") as f:
-            text = f.read()
-    except OSError:
-        return int(psutil.Process(pid).memory_info().rss)
-    total = shared = 0
-    for line in text.splitlines():
-        if line.startswith((b"RssAnon:", b"RssFile:")):
-            total += int(line.split()[1]) * 1024
-        elif line.startswith(b"RssShmem:"):
-            shared = int(line.split()[1]) * 1024
-    return total + max(0, shared - not_ours)
-
-
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-@functools.cache
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once (finding libc runs a subprocess)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to trim
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return cast(Callable[[int], int], fn)
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the kernel, wherever it is in the heap (glibc keeps it otherwise)."""
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class Limits:
@@ -186,13 +142,11 @@ class Limits:
         client_mapped: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
-        self._store = store
         #: Bytes of clients' shared-memory segments the daemon maps (not its memory).
         self._client_mapped = client_mapped
         self._max_streams = max_concurrent_streams
         self._slots = asyncio.Semaphore(max_concurrent_streams)
         self._per_client: Counter[str] = Counter()
-        self._quotas = dict(config.tenant_quotas)
         #: Receive buffers of puts (pooled; idle ones are handed back under pressure).
         self.buffers = buffers if buffers is not None else BufferPool()
         #: Charged for each open stream when memory is bounded (see the module docstring).
@@ -205,6 +159,8 @@ class Limits:
         self._trimmed_at = -1.0
         #: Refusals by reason, for tests and operators.
         self.refused: Counter[str] = Counter()
+        #: Tenant quotas (tenant_quotas.py); their refusals count in ``refused`` too.
+        self.quotas = TenantQuotas(config, store, self.refused)
 
     # -- streams ---------------------------------------------------------------
     @property
@@ -332,7 +288,7 @@ class Limits:
         now = time.monotonic()
         if now - self._trimmed_at > TRIM_EVERY_S:
             self._trimmed_at = now
-            _malloc_trim()
+            malloc_trim()
         self.resident(fresh=True)
         return self.committed() + growth <= bound
 
@@ -359,51 +315,6 @@ class Limits:
             self._check_memory(n, what=what)
         self._growth += n
         return _ReadHold(self, n)
-
-    # -- tenant quotas ---------------------------------------------------------------
-    def tenant_quota(self, tenant: str) -> int | None:
-        return self._quotas.get(tenant)
-
-    def tenant_usage(self, tenant: str) -> dict[str, dict[Namespace, int]]:
-        """tier -> namespace -> bytes, for ``tenant``'s namespaces in managed tiers."""
-        out: dict[str, dict[Namespace, int]] = {}
-        for u in self._store.stats().namespaces:
-            ns = Namespace.parse(u.namespace)
-            if ns.tenant == tenant:
-                out.setdefault(u.tier, {})[ns] = u.bytes
-        return out
-
-    async def make_room_for_tenant(self, key: ChunkKey, n: int) -> None:
-        """Evict ``key``'s tenant's own chunks until ``n`` more bytes fit under its
-        quota in every managed tier (top-down, so demotions are counted below);
-        QuotaExceeded when what is left is pinned or the chunk alone is too big."""
-        tenant = key.namespace.tenant
-        quota = self._quotas.get(tenant)
-        if quota is None:
-            return
-        if n > quota:
-            self.refused["tenant_quota"] += 1
-            raise QuotaExceeded(
-                f"chunk of {n} bytes exceeds tenant {tenant!r}'s quota of {quota} bytes "
-                "(server.limits.tenant_quotas)"
-            )
-        for tier in self._store.tiers:
-            if not tier.managed:
-                continue
-            usage = self.tenant_usage(tenant).get(tier.name, {})
-            excess = sum(usage.values()) + n - quota
-            # Largest namespace first: it has the most to give.
-            for ns, held in sorted(usage.items(), key=lambda kv: -kv[1]):
-                if excess <= 0:
-                    break
-                freed, _ = await self._store.evict_to(tier.name, max(0, held - excess), namespace=ns)
-                excess -= sum(e.nbytes for e in freed)
-            if excess > 0:
-                self.refused["tenant_quota"] += 1
-                raise QuotaExceeded(
-                    f"tenant {tenant!r} is at its quota of {quota} bytes in tier {tier.name!r} "
-                    "and the rest of what it holds there is pinned or being read"
-                )
 
 
 class _ReadHold:

@@ -82,7 +82,8 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-rpc")
         if limits is None:
             limits = LimitsConfig(max_inflight_bytes=max_inflight_bytes)
-        #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py):
+        #: Stream slots, receive buffers and the memory bound, tenant quotas (kvstore/server/limits.py,
+        #: tenant_quotas.py):
         #: a flood of puts gets RESOURCE_EXHAUSTED instead of growing the daemon's memory.
         self.limits = Limits(
             limits, store, max_concurrent_streams=max_concurrent_streams, frame_bytes=frame_bytes,
@@ -183,7 +184,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                         raise InvalidArgument(f"{where}: header has no meta")
                     new_meta = meta_from_pb(header.meta, f"{where}.meta")
                     self._check_meta(new_meta, where)
-                    await self.limits.make_room_for_tenant(key, new_meta.nbytes)
+                    await self.limits.quotas.make_room_for_tenant(key, new_meta.nbytes)
                     buf = self.limits.take_buffer(new_meta.nbytes)  # or RESOURCE_EXHAUSTED, nothing taken
                     meta = new_meta
                     durable = header.durable

@@ -179,7 +179,7 @@ class SharedMemory:
             principal.check_key(key, write=True)
             meta = meta_from_pb(item.meta, f"{where}.meta")
             self._check_meta(meta, where)
-            await self._limits.make_room_for_tenant(key, meta.nbytes)
+            await self._limits.quotas.make_room_for_tenant(key, meta.nbytes)
             if item.slice.length != meta.nbytes:
                 raise InvalidArgument(
                     f"{where}: slice length {item.slice.length} differs from meta.nbytes {meta.nbytes}"

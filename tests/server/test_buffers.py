@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvstore.server.buffers import MIN_CLASS, BufferPool
-from kvstore.server.limits import resident_bytes
+from kvstore.server.resident import resident_bytes
 
 MiB = 1 << 20
 

@@ -19,7 +19,7 @@ import pytest
 
 from kvstore.config import LimitsConfig, load
 from kvstore.errors import ConfigError
-from kvstore.server.limits import resident_bytes
+from kvstore.server.resident import resident_bytes
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
