@@ -255,8 +255,6 @@ class Client:
         not available."""
         if not self._direct_reads or self._aio.stream_only:
             return False
-        if self._direct() is None:
-            self._run(self._aio._local.ready())  # noqa: SLF001 - registers the segment; then try again
         direct = self._direct()
         arena = None if direct is None else direct[1].attach()
         if arena is None:
@@ -271,7 +269,13 @@ class Client:
 
     # -- the direct path (see the module docstring) ----------------------------------
     def _direct(self) -> tuple[ClientSegment, BlockingControlChannel] | None:
-        seg = self._aio._local.segment  # noqa: SLF001 - one implementation of the segment's lifecycle
+        """The segment and this thread's way to the control channel; the first call
+        registers the segment (as the ordinary path would), so that a new client's
+        first put or get is direct too.  None: take the ordinary path."""
+        local = self._aio._local  # noqa: SLF001 - one implementation of the segment's lifecycle
+        if local.segment is None and not self._closed and not local.stream_only:
+            self._run(local.ready())  # once: after a failed try the session is stream-only
+        seg = local.segment
         if self._closed or seg is None or not seg.control_socket or seg.segment_id == self._blocking_refused:
             return None
         with self._blocking_lock:

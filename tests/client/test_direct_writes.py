@@ -67,7 +67,7 @@ def test_puts_are_byte_exact_with_the_stored_bytes_checksum(server: DaemonProces
             back = got.tensor()
             assert back.dtype == dtype and back.shape == t.shape
             assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
-        assert c.direct_writes >= 2  # the first put registered the segment over gRPC
+        assert c.direct_writes == 3  # the first put too: it registers the segment first
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_sizes_around_the_pieces_and_the_split(server: DaemonProcess, size: int)
             out = torch.empty(size, dtype=torch.uint8)
             meta = c.get_into(k, out)
             assert meta is not None and meta.checksum == checksum(out.numpy().data) and torch.equal(out, data)
-        assert c.direct_writes == 2
+        assert c.direct_writes == 3  # the warm-up put too
 
 
 def test_bytes_and_overwrites_are_seen_by_other_clients_at_once(server: DaemonProcess) -> None:
@@ -95,7 +95,7 @@ def test_bytes_and_overwrites_are_seen_by_other_clients_at_once(server: DaemonPr
         for version in range(4):
             writer.put(k, bytes([version]) * MiB)
             assert reader.get_into(k, out) is not None and bool((out == version).all())
-        assert writer.direct_writes == 4  # the first put registered the segment
+        assert writer.direct_writes == 5  # every put, the first one too
         writer.delete([k])
         assert reader.get_into(k, out) is None
 
@@ -106,7 +106,7 @@ def test_changing_sizes_leaks_no_block(tmp_path: Path) -> None:
         with kvstore.Client(d.address) as c:
             for i, n in enumerate(sizes):
                 c.put(key(i, model="sizes"), bytes([i]) * n)
-            assert c.direct_writes == len(sizes) - 1
+            assert c.direct_writes == len(sizes)
             for i, n in enumerate(sizes):
                 assert c.get_bytes(key(i, model="sizes")) == bytes([i]) * n
         # Closed: only the chunks are left (each in a block rounded up to 256 bytes).
@@ -154,7 +154,7 @@ def test_a_dead_daemon_gives_an_error(tmp_path: Path) -> None:
         with kvstore.Client(d.address, timeout_s=2, retries=0) as c:
             c.put(key(1), b"a" * 1000)
             c.put(key(2), b"b" * 1000)
-            assert c.direct_writes == 1
+            assert c.direct_writes == 2
             d.send_signal(signal.SIGKILL)
             d.wait()
             with pytest.raises(KVStoreError):
@@ -168,7 +168,7 @@ def test_a_value_larger_than_the_cpu_tier_goes_below_it(tmp_path: Path) -> None:
             assert c.put(key(1, model="big"), bytes([7]) * (6 * MiB)) == "disk"  # no block: through the daemon
             assert c.get_bytes(key(1, model="big")) == bytes([7]) * (6 * MiB)
             assert c.put(key(2, model="big"), bytes([8]) * MiB) == "cpu"
-            assert c.direct_writes == 1
+            assert c.direct_writes == 2  # the warm-up put and this one
 
 
 def test_a_batch_is_one_request_per_group(tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_a_batch_is_one_request_per_group(tmp_path: Path) -> None:
 
         g = torch.Generator().manual_seed(5)
         with kvstore.Client(d.address) as c:
-            c.put(key(0, model="batch"), b"registers the segment")
+            c.put(key(0, model="batch"), b"a first put")
             n = 3 * MAX_HELD + 1  # four groups
             for rnd in range(3):
                 values = [torch.randint(0, 256, (MiB + 256,), dtype=torch.uint8, generator=g) for _ in range(n)]
@@ -194,7 +194,7 @@ def test_a_batch_is_one_request_per_group(tmp_path: Path) -> None:
                     out = torch.empty_like(v)
                     meta = c.get_into(k, out)
                     assert meta is not None and meta.checksum == checksum(out.numpy().data) and torch.equal(out, v)
-            assert c.direct_writes == 3 * n  # the first put registered the segment
+            assert c.direct_writes == 1 + 3 * n  # the first put too
 
 
 def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,7 +218,7 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     keys = [key(i, model="refused") for i in range(n)]
     with DaemonProcess(tmp_path, cpu_only("256MiB")) as d:
         with kvstore.Client(d.address) as c:
-            c.put(key(100, model="refused"), b"registers the segment")
+            c.put(key(100, model="refused"), b"a first put")
             monkeypatch.setattr(blocking_channel.BlockingControlChannel, "_arena_call", spoils_the_second)
             with pytest.raises(InvalidArgument, match=r"items\[0\]\.key"):
                 c.put_many(list(zip(keys, values, strict=True)))
@@ -233,7 +233,7 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             monkeypatch.undo()
             again = [v.flip(0) for v in values]
             assert c.put_many(list(zip(keys, again, strict=True))) == ["cpu"] * n
-            assert c.direct_writes == MAX_HELD + n  # the first put registered the segment
+            assert c.direct_writes == 1 + MAX_HELD + n  # the first put, the first group, then all
             for k, v in zip(keys, again, strict=True):
                 assert c.get_into(k, out) is not None and torch.equal(out, v)
         nbytes, chunks = used(d.address)
@@ -256,17 +256,18 @@ def test_puts_past_the_reserved_share_go_through_the_daemon(tmp_path: Path) -> N
     with DaemonProcess(tmp_path, cpu_only("64MiB", shm_reserved_share=0.125)) as d:
         with kvstore.Client(d.address) as a, kvstore.Client(d.address) as b:
             for c in (a, b):
-                c.put(key(0, model="share"), b"registers the segment")
+                c.put(key(0, model="share"), b"a small first put")
+                assert c.direct_writes == 1  # it holds a 256-byte block reserved
             big = [(key(1 + i, model="share"), v) for i, v in enumerate(tensors(8, 2 * MiB))]  # 16 MiB
-            assert a.put_many(big) == ["cpu"] * 8 and a.direct_writes == 0 and stored(a, big)
+            assert a.put_many(big) == ["cpu"] * 8 and a.direct_writes == 1 and stored(a, big)
             small = [(key(10 + i, model="share"), v) for i, v in enumerate(tensors(3, 2 * MiB))]
-            assert a.put_many(small) == ["cpu"] * 3 and a.direct_writes == 3  # a now holds 6 MiB reserved
+            assert a.put_many(small) == ["cpu"] * 3 and a.direct_writes == 4  # a now holds 6 MiB reserved
             other = (key(20, model="share"), tensors(1, 4 * MiB)[0])
-            assert b.put(*other) == "cpu" and b.direct_writes == 0 and stored(b, [other])
+            assert b.put(*other) == "cpu" and b.direct_writes == 1 and stored(b, [other])
         with kvstore.Client(d.address) as b:  # a is gone, and its blocks with it
-            b.put(key(0, model="share"), b"registers the segment")
+            b.put(key(0, model="share"), b"a small first put")
             again = (key(21, model="share"), tensors(1, 4 * MiB)[0])
-            assert b.put(*again) == "cpu" and b.direct_writes == 1 and stored(b, [again])
+            assert b.put(*again) == "cpu" and b.direct_writes == 2 and stored(b, [again])
 
 
 def test_a_batch_of_mixed_sizes_and_values(tmp_path: Path) -> None:
@@ -289,7 +290,7 @@ def test_a_batch_of_mixed_sizes_and_values(tmp_path: Path) -> None:
                 assert c.put_many(items) == ["cpu"] * len(items)
                 expect.update(items)
             written = c.direct_writes
-            assert written == 1 + sum(len(s) for s in batches) - 1  # the first put registered the segment
+            assert written == 1 + sum(len(s) for s in batches)  # every put, the first one too
             # A Chunk, or an empty value, in the batch: the whole batch goes the ordinary way.
             chunk = Chunk(ChunkMeta(nbytes=4, checksum=checksum(b"abcd")), memoryview(b"abcd"))
             odd = [(key(900, model="mixed"), b"x" * 1000), (key(901, model="mixed"), chunk), (key(902, model="mixed"), b"")]
@@ -317,7 +318,7 @@ def test_a_batch_with_a_value_larger_than_the_cpu_tier(tmp_path: Path) -> None:
             assert c.put_many(items) == ["cpu", "disk", "cpu"]
             for k, v in items:
                 assert c.get_bytes(k) == v
-            assert c.direct_writes == 2
+            assert c.direct_writes == 3  # the warm-up put, then the 1 MiB and the 1000-byte values
 
 
 async def test_the_async_client_writes_directly(server: DaemonProcess) -> None:
