@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PEERS = ("redis", "lmcache-tcp", "lmcache-mp")
+from kvstore.bench.peers import PEERS
 
 
 def _sizes(text: str) -> list[float]:

@@ -46,6 +46,11 @@ def emit(obj: dict[str, Any]) -> None:
     _OUT.flush()
 
 
+def flush() -> None:
+    """Flush what :func:`emit` wrote (at exit)."""
+    _OUT.flush()
+
+
 # --------------------------------------------------------------------------
 # Raw-TCP server (lmcache_server) through LMCServerConnector
 # --------------------------------------------------------------------------

@@ -54,10 +54,10 @@ sys.path.append(os.path.dirname(os.path.realpath(__file__)))
 # Plain module names: run by path, these files are in no package. mypy checks
 # them as modules of kvstore.bench, so it reads them under those names.
 if TYPE_CHECKING:
-    from kvstore.bench.lmcache_clients import _OUT, MIB, SOURCE_SLOTS, MPClient, TCPClient, emit
+    from kvstore.bench.lmcache_clients import MIB, SOURCE_SLOTS, MPClient, TCPClient, emit, flush
     from kvstore.bench.lmcache_findings import FINDINGS
 else:
-    from lmcache_clients import _OUT, MIB, SOURCE_SLOTS, MPClient, TCPClient, emit
+    from lmcache_clients import MIB, SOURCE_SLOTS, MPClient, TCPClient, emit, flush
     from lmcache_findings import FINDINGS
 
 
@@ -240,7 +240,7 @@ def main(argv: list[str]) -> None:
         else:
             FINDINGS[args.name](args)
     # zmq/LMCache leave non-daemon threads behind; the results are out.
-    _OUT.flush()
+    flush()
     os._exit(0)
 
 

@@ -28,12 +28,12 @@ from kvstore.config.schema import (
     ServerConfig,
     TierConfig,
     TLSConfig,
-    _bool,
-    _int,
-    _opt_path,
-    _seconds,
-    _share,
-    _str,
+    parse_bool,
+    parse_int,
+    parse_opt_path,
+    parse_seconds,
+    parse_share,
+    parse_str,
     parse_size,
 )
 from kvstore.errors import ConfigError, InvalidArgument
@@ -153,27 +153,27 @@ def _build_server(d: Mapping[str, Any]) -> ServerConfig:
         raise ConfigError("server.tls must be a mapping with cert, key, client_ca")
     _check_keys(tls, {"cert", "key", "client_ca"}, "server.tls")
     return ServerConfig(
-        host=_str(d.get("host", "127.0.0.1"), "server.host"),
-        port=_int(d.get("port", DEFAULT_PORT), "server.port", 0, 65535),
+        host=parse_str(d.get("host", "127.0.0.1"), "server.host"),
+        port=parse_int(d.get("port", DEFAULT_PORT), "server.port", 0, 65535),
         frame_bytes=parse_size(d.get("frame_bytes", DEFAULT_FRAME_BYTES), "server.frame_bytes"),
         max_chunk_bytes=parse_size(d.get("max_chunk_bytes", 4 << 30), "server.max_chunk_bytes"),
-        max_batch=_int(d.get("max_batch", 65536), "server.max_batch", 1, 1 << 24),
-        token_file=_opt_path(d.get("token_file"), "server.token_file"),
+        max_batch=parse_int(d.get("max_batch", 65536), "server.max_batch", 1, 1 << 24),
+        token_file=parse_opt_path(d.get("token_file"), "server.token_file"),
         tls=TLSConfig(
-            cert=_opt_path(tls.get("cert"), "server.tls.cert"),
-            key=_opt_path(tls.get("key"), "server.tls.key"),
-            client_ca=_opt_path(tls.get("client_ca"), "server.tls.client_ca"),
+            cert=parse_opt_path(tls.get("cert"), "server.tls.cert"),
+            key=parse_opt_path(tls.get("key"), "server.tls.key"),
+            client_ca=parse_opt_path(tls.get("client_ca"), "server.tls.client_ca"),
         ),
-        shm=_bool(d.get("shm", True), "server.shm"),
-        shm_direct_reads=_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
-        shm_direct_writes=_bool(d.get("shm_direct_writes", True), "server.shm_direct_writes"),
-        shm_reserved_share=_share(d.get("shm_reserved_share", 0.5), "server.shm_reserved_share"),
-        http2_get=_bool(d.get("http2_get", True), "server.http2_get"),
-        http2_get_port=_int(d.get("http2_get_port", 0), "server.http2_get_port", 0, 65535),
-        max_concurrent_streams=_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),
-        grace_s=float(_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
-        metrics_port=_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),
-        metrics_host=_str(d.get("metrics_host", "127.0.0.1"), "server.metrics_host"),
+        shm=parse_bool(d.get("shm", True), "server.shm"),
+        shm_direct_reads=parse_bool(d.get("shm_direct_reads", True), "server.shm_direct_reads"),
+        shm_direct_writes=parse_bool(d.get("shm_direct_writes", True), "server.shm_direct_writes"),
+        shm_reserved_share=parse_share(d.get("shm_reserved_share", 0.5), "server.shm_reserved_share"),
+        http2_get=parse_bool(d.get("http2_get", True), "server.http2_get"),
+        http2_get_port=parse_int(d.get("http2_get_port", 0), "server.http2_get_port", 0, 65535),
+        max_concurrent_streams=parse_int(d.get("max_concurrent_streams", 256), "server.max_concurrent_streams", 1, 1 << 16),
+        grace_s=float(parse_int(d.get("grace_s", 30), "server.grace_s", 0, 3600)),
+        metrics_port=parse_int(d.get("metrics_port", 0), "server.metrics_port", 0, 65535),
+        metrics_host=parse_str(d.get("metrics_host", "127.0.0.1"), "server.metrics_host"),
         limits=_build_limits(d.get("limits") or {}),
     )
 
@@ -189,11 +189,11 @@ def _build_limits(d: object) -> LimitsConfig:
     return LimitsConfig(
         max_memory_bytes=parse_size(d.get("max_memory", 0), "server.limits.max_memory"),
         max_inflight_bytes=parse_size(d.get("max_inflight", defaults.max_inflight_bytes), "server.limits.max_inflight"),
-        max_streams_per_client=_int(
+        max_streams_per_client=parse_int(
             d.get("max_streams_per_client", defaults.max_streams_per_client), "server.limits.max_streams_per_client",
             1, 1 << 16,
         ),
-        stream_wait_s=_seconds(d.get("stream_wait_s", defaults.stream_wait_s), "server.limits.stream_wait_s"),
+        stream_wait_s=parse_seconds(d.get("stream_wait_s", defaults.stream_wait_s), "server.limits.stream_wait_s"),
         tenant_quotas=tuple(
             (str(t), parse_size(q, f"server.limits.tenant_quotas.{t}")) for t, q in quotas.items()
         ),
@@ -203,18 +203,18 @@ def _build_limits(d: object) -> LimitsConfig:
 def _build_tier(d: Mapping[str, Any], i: int) -> TierConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(f"tiers[{i}] must be a mapping")
-    name = _str(d.get("name", ""), f"tiers[{i}].name")
+    name = parse_str(d.get("name", ""), f"tiers[{i}].name")
     where = f"tiers.{name or i}"
     _check_keys(d, _TIER_FIELDS, where)
     defaults = TierSettings()
     try:
         settings = TierSettings(
-            write_through=_bool(d.get("write_through", False), f"{where}.write_through"),
-            on_evict=_str(d.get("on_evict", defaults.on_evict), f"{where}.on_evict"),  # type: ignore[arg-type]
-            eviction=_str(d.get("eviction", defaults.eviction), f"{where}.eviction"),
-            queue_depth=_int(d.get("queue_depth", defaults.queue_depth), f"{where}.queue_depth", 1, 1_000_000),
-            on_full=_str(d.get("on_full", defaults.on_full), f"{where}.on_full"),  # type: ignore[arg-type]
-            workers=_int(d.get("workers", defaults.workers), f"{where}.workers", 1, 64),
+            write_through=parse_bool(d.get("write_through", False), f"{where}.write_through"),
+            on_evict=parse_str(d.get("on_evict", defaults.on_evict), f"{where}.on_evict"),  # type: ignore[arg-type]
+            eviction=parse_str(d.get("eviction", defaults.eviction), f"{where}.eviction"),
+            queue_depth=parse_int(d.get("queue_depth", defaults.queue_depth), f"{where}.queue_depth", 1, 1_000_000),
+            on_full=parse_str(d.get("on_full", defaults.on_full), f"{where}.on_full"),  # type: ignore[arg-type]
+            workers=parse_int(d.get("workers", defaults.workers), f"{where}.workers", 1, 64),
         )
     except ConfigError as exc:
         msg = str(exc)
@@ -226,24 +226,24 @@ def _build_tier(d: Mapping[str, Any], i: int) -> TierConfig:
         raise ConfigError(f"{where}.eviction must be one of {sorted(POLICIES)}, got {settings.eviction!r}")
     return TierConfig(
         name=name,
-        kind=_str(d.get("kind", ""), f"{where}.kind"),
+        kind=parse_str(d.get("kind", ""), f"{where}.kind"),
         capacity_bytes=parse_size(d.get("capacity", 0), f"{where}.capacity"),
-        path=_opt_path(d.get("path"), f"{where}.path"),
+        path=parse_opt_path(d.get("path"), f"{where}.path"),
         url=d.get("url"),
         settings=settings,
-        codec=_str(d.get("codec", "raw"), f"{where}.codec"),
-        key_prefix=None if d.get("key_prefix") is None else _str(d["key_prefix"], f"{where}.key_prefix"),
-        ttl_s=None if d.get("ttl") is None else float(_int(d["ttl"], f"{where}.ttl", 0, 365 * 86400)),
+        codec=parse_str(d.get("codec", "raw"), f"{where}.codec"),
+        key_prefix=None if d.get("key_prefix") is None else parse_str(d["key_prefix"], f"{where}.key_prefix"),
+        ttl_s=None if d.get("ttl") is None else float(parse_int(d["ttl"], f"{where}.ttl", 0, 365 * 86400)),
         part_bytes=None if d.get("part_size") is None else parse_size(d["part_size"], f"{where}.part_size"),
         max_connections=(
             None if d.get("max_connections") is None
-            else _int(d["max_connections"], f"{where}.max_connections", 1, 4096)
+            else parse_int(d["max_connections"], f"{where}.max_connections", 1, 4096)
         ),
-        timeout_s=None if d.get("timeout") is None else _seconds(d["timeout"], f"{where}.timeout"),
-        token_file=_opt_path(d.get("token_file"), f"{where}.token_file"),
-        tls_ca=_opt_path(d.get("tls_ca"), f"{where}.tls_ca"),
-        tls_cert=_opt_path(d.get("tls_cert"), f"{where}.tls_cert"),
-        tls_key=_opt_path(d.get("tls_key"), f"{where}.tls_key"),
+        timeout_s=None if d.get("timeout") is None else parse_seconds(d["timeout"], f"{where}.timeout"),
+        token_file=parse_opt_path(d.get("token_file"), f"{where}.token_file"),
+        tls_ca=parse_opt_path(d.get("tls_ca"), f"{where}.tls_ca"),
+        tls_cert=parse_opt_path(d.get("tls_cert"), f"{where}.tls_cert"),
+        tls_key=parse_opt_path(d.get("tls_key"), f"{where}.tls_key"),
     )
 
 
@@ -273,7 +273,7 @@ def build(tree: Mapping[str, Any]) -> DaemonConfig:
         server=_build_server(server),
         tiers=tuple(_build_tier(t, i) for i, t in enumerate(tiers)),
         quotas=tuple(quotas),
-        log_level=_str(tree.get("log_level", "INFO"), "log_level").upper(),
+        log_level=parse_str(tree.get("log_level", "INFO"), "log_level").upper(),
     )
 
 

@@ -55,7 +55,7 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
-def _bool(value: object, field_name: str) -> bool:
+def parse_bool(value: object, field_name: str) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -63,7 +63,7 @@ def _bool(value: object, field_name: str) -> bool:
     raise ConfigError(f"{field_name}: expected true or false, got {value!r}")
 
 
-def _int(value: object, field_name: str, lo: int, hi: int) -> int:
+def parse_int(value: object, field_name: str, lo: int, hi: int) -> int:
     try:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError  # int() would silently truncate 80.5 to 80
@@ -76,11 +76,11 @@ def _int(value: object, field_name: str, lo: int, hi: int) -> int:
     return out
 
 
-def _seconds(value: object, field_name: str) -> float:
+def parse_seconds(value: object, field_name: str) -> float:
     return _in_range(value, field_name, 3600.0, "seconds in (0, 3600]")
 
 
-def _share(value: object, field_name: str) -> float:
+def parse_share(value: object, field_name: str) -> float:
     return _in_range(value, field_name, 1.0, "a fraction in (0, 1] such as 0.5")
 
 
@@ -97,17 +97,17 @@ def _in_range(value: object, field_name: str, hi: float, expected: str) -> float
     return out
 
 
-def _str(value: object, field_name: str) -> str:
+def parse_str(value: object, field_name: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ConfigError(f"{field_name}: expected a string, got {value!r}")
     return str(value)
 
 
 def _path(value: object, field_name: str) -> Path:
-    return Path(os.path.expanduser(_str(value, field_name)))
+    return Path(os.path.expanduser(parse_str(value, field_name)))
 
 
-def _opt_path(value: object, field_name: str) -> Path | None:
+def parse_opt_path(value: object, field_name: str) -> Path | None:
     return None if value in (None, "") else _path(value, field_name)
 
 
@@ -166,8 +166,8 @@ class LimitsConfig:
             raise ConfigError(
                 f"server.limits.max_memory: expected 0 (no bound) or at least 64MiB, got {self.max_memory_bytes}"
             )
-        _int(self.max_inflight_bytes, "server.limits.max_inflight", 1 << 20, 1 << 40)
-        _int(self.max_streams_per_client, "server.limits.max_streams_per_client", 1, 1 << 16)
+        parse_int(self.max_inflight_bytes, "server.limits.max_inflight", 1 << 20, 1 << 40)
+        parse_int(self.max_streams_per_client, "server.limits.max_streams_per_client", 1, 1 << 16)
         if not 0 < self.stream_wait_s <= 3600:
             raise ConfigError(f"server.limits.stream_wait_s: expected seconds in (0, 3600], got {self.stream_wait_s}")
         for tenant, limit in self.tenant_quotas:
@@ -226,18 +226,18 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("server.host must not be empty")
-        _int(self.port, "server.port", 0, 65535)
-        _int(self.http2_get_port, "server.http2_get_port", 0, 65535)
+        parse_int(self.port, "server.port", 0, 65535)
+        parse_int(self.http2_get_port, "server.http2_get_port", 0, 65535)
         if self.http2_get and self.http2_get_port and self.http2_get_port == self.port:
             raise ConfigError(f"server.http2_get_port: {self.http2_get_port} is server.port too; pick another (or 0)")
-        _int(self.frame_bytes, "server.frame_bytes", 4096, 64 << 20)
-        _int(self.max_chunk_bytes, "server.max_chunk_bytes", 1, 1 << 40)
-        _int(self.max_batch, "server.max_batch", 1, 1 << 24)
-        _int(self.max_concurrent_streams, "server.max_concurrent_streams", 1, 1 << 16)
-        _share(self.shm_reserved_share, "server.shm_reserved_share")
+        parse_int(self.frame_bytes, "server.frame_bytes", 4096, 64 << 20)
+        parse_int(self.max_chunk_bytes, "server.max_chunk_bytes", 1, 1 << 40)
+        parse_int(self.max_batch, "server.max_batch", 1, 1 << 24)
+        parse_int(self.max_concurrent_streams, "server.max_concurrent_streams", 1, 1 << 16)
+        parse_share(self.shm_reserved_share, "server.shm_reserved_share")
         if not 0 <= self.grace_s <= 3600:
             raise ConfigError(f"server.grace_s: expected seconds in [0, 3600], got {self.grace_s}")
-        _int(self.metrics_port, "server.metrics_port", 0, 65535)
+        parse_int(self.metrics_port, "server.metrics_port", 0, 65535)
         if not self.metrics_host:
             raise ConfigError("server.metrics_host must not be empty")
         if self.token_file is not None and not self.token_file.is_file():
