@@ -18,6 +18,7 @@ import grpc
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GET_PATH = "/kvstore.v1.KVStore/Get"
+PUT_PATH = "/kvstore.v1.KVStore/Put"
 #: Request header with which a client asks the daemon's gRPC port for the port of its
 #: HTTP/2 Get listener (kvstore/server/h2get.py), and the reply's initial-metadata key
 #: that answers (the port, in decimal).
@@ -174,3 +175,18 @@ def stateless_fields(block: bytes) -> list[tuple[str, str]] | None:
     except (IndexError, ValueError):
         return None
     return out
+
+
+def next_bytes(views: list[memoryview], at: int, off: int, n: int) -> tuple[list[memoryview], int, int]:
+    """The next ``n`` bytes of the concatenation of ``views``, from byte ``off`` of
+    ``views[at]``, as slices; and where the bytes after them start."""
+    out = []
+    while n:
+        view = views[at]
+        k = min(len(view) - off, n)
+        out.append(view[off : off + k])
+        off += k
+        n -= k
+        if off == len(view):
+            at, off = at + 1, 0
+    return out, at, off

@@ -45,6 +45,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 from urllib.parse import unquote
 
 import hpack
@@ -54,10 +55,10 @@ from kvstore.client.h2wire import (
 )
 from kvstore.errors import KVStoreError, error_for_status
 from kvstore.http2 import (
-    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GET_PATH, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW, PADDED, PING, PORT_HEADER,
-    PREFACE, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_FRAME_SIZE, STATUS_NAMES, WINDOW_UPDATE, frame, grpc_timeout, literal,
-    stateless_fields,
+    ACK, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, GET_PATH, GOAWAY, HEADERS, MAX_FRAME, MAX_WINDOW,
+    MIN_FRAME, NO_ERROR, PADDED, PING, PORT_HEADER, PREFACE, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS,
+    SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, STATUS_NAMES, WINDOW_UPDATE, frame,
+    grpc_timeout, literal, stateless_fields,
 )
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -75,6 +76,8 @@ HEADER_PEEK = 4 << 10
 #: HTTP status -> gRPC status when a reply carries no grpc-status (gRPC's http-grpc-status-mapping).
 _HTTP_STATUS = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
                 429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}
+
+T = TypeVar("T")
 
 #: Where a found chunk's payload goes: a writable view of exactly ``meta.nbytes``.
 Destination = Callable[[pb.GetHeader], memoryview]
@@ -114,12 +117,11 @@ class H2GetConnection:
         self._decoder = hpack.Decoder()
         self._scheme = "https" if tls is not None else "http"
         self._authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        #: The request headers that never change on this connection.
+        #: The request headers that never change on this connection, but for ``:path``.
         self._fixed_block = b"".join(
             (
                 b"\x83",  # :method POST (static table index 3)
                 b"\x87" if self._scheme == "https" else b"\x86",  # :scheme (7 / 6)
-                literal(":path", GET_PATH),
                 literal(":authority", self._authority),
                 literal("content-type", "application/grpc"),
                 literal("te", "trailers"),
@@ -127,6 +129,7 @@ class H2GetConnection:
         )
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._metadata_block = b""
+        self._pending_headers = b""  # the current stream's HEADERS frame, until sent
         self._next_stream = 1
         self._received = 0  # connection-window bytes not yet given back
         self.broken = False
@@ -139,6 +142,12 @@ class H2GetConnection:
         self._data_ends = False  # the current DATA frame carries END_STREAM
         self._headers: list[tuple[str, str]] = []
         self._trailers: list[tuple[str, str]] | None = None
+        # What the daemon lets this end send (a Put's request, kvstore/client/h2put.py).
+        self.peer_frame = MIN_FRAME  # its SETTINGS_MAX_FRAME_SIZE
+        self._peer_initial = DEFAULT_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
+        self.send_window = DEFAULT_WINDOW  # the connection's send window
+        self.stream_send = 0  # the current stream's send window
+        self.settings_seen = False  # the daemon's first SETTINGS arrived
 
     @property
     def advertised_port(self) -> int | None:
@@ -169,15 +178,17 @@ class H2GetConnection:
         try:
             self._sock.read_available()
             while self._sock.buffered() >= 9:
-                length, kind, flags, _ = frame_header(self._sock.peek(9))
+                length, kind, flags, stream = frame_header(self._sock.peek(9))
                 if self._sock.buffered() < 9 + length:
                     if 9 + length > BUFFER:
                         self.close()  # nothing that large comes between calls
                     return
                 self._sock.take(9)
                 payload = self._sock.take(length)
-                if kind == SETTINGS and not flags & ACK:
-                    self._sock.sock.sendall(frame(SETTINGS, ACK, 0))
+                if kind == SETTINGS:
+                    self._settings(flags, payload)
+                elif kind == WINDOW_UPDATE:
+                    self._window_update(stream, payload)
                 elif kind == PING and not flags & ACK:
                     self._sock.sock.sendall(frame(PING, ACK, 0, payload))
                 elif kind in (DATA, HEADERS, CONTINUATION, PUSH_PROMISE, RST_STREAM, GOAWAY):
@@ -200,16 +211,30 @@ class H2GetConnection:
 
         Raises the daemon's status as a typed error, DEADLINE_EXCEEDED, or
         :class:`FallBack`; the connection is unusable after any of them."""
+        body = request.SerializeToString()
+        if len(body) + 5 > MAX_REQUEST:
+            raise FallBack("request too large for the raw connection")
+
+        def call() -> list[tuple[pb.GetHeader, memoryview | None]]:
+            self._start(GET_PATH, metadata, timeout_s)
+            message = b"\x00" + struct.pack(">I", len(body)) + body
+            self._sock.sock.sendall(self._pending_headers + frame(DATA, END_STREAM, self._stream, message))
+            return self._read_reply(destination)
+
+        return self._call(call, timeout_s)
+
+    def _call(self, call: Callable[[], T], timeout_s: float) -> T:
+        """Run ``call`` (one call on a new stream) within ``timeout_s``: what it returns, or
+        the daemon's status as a typed error, DEADLINE_EXCEEDED, or :class:`FallBack`;
+        after any error the connection is closed."""
         if self.broken:
             raise FallBack("connection closed")
-        body = request.SerializeToString()
-        if len(body) + 5 > MAX_REQUEST or self._next_stream > MAX_WINDOW:
-            raise FallBack("request too large for the raw connection")
+        if self._next_stream > MAX_WINDOW:
+            raise FallBack("stream ids used up: a new connection is due")
         self._sock.deadline = time.monotonic() + timeout_s
         try:
             self._sock.sock.settimeout(timeout_s)  # for sendall; serve_idle left it non-blocking
-            self._start(body, metadata, timeout_s)
-            got = self._read_reply(destination)
+            got = call()
             if self._closing:
                 self.close()
             return got
@@ -226,20 +251,20 @@ class H2GetConnection:
             self.close()
             raise
 
-    def _start(self, body: bytes, metadata: Sequence[tuple[str, str]], timeout_s: float) -> None:
+    def _start(self, path: str, metadata: Sequence[tuple[str, str]], timeout_s: float) -> None:
+        """Open the next stream: its state reset, its HEADERS frame in ``_pending_headers``
+        for the caller to send with what follows it."""
         stream, self._next_stream = self._next_stream, self._next_stream + 2
         self._stream, self._stream_received = stream, 0
+        self.stream_send = self._peer_initial
         self._data_left = self._pad_left = 0
         self._data_ends = False
         self._headers, self._trailers = [], None
         meta = tuple(metadata)
         if meta != self._metadata:
             self._metadata, self._metadata_block = meta, b"".join(literal(k, v) for k, v in meta)
-        block = self._fixed_block + literal("grpc-timeout", grpc_timeout(timeout_s)) + self._metadata_block
-        message = b"\x00" + struct.pack(">I", len(body)) + body
-        self._sock.sock.sendall(
-            frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, message)
-        )
+        block = literal(":path", path) + self._fixed_block + literal("grpc-timeout", grpc_timeout(timeout_s))
+        self._pending_headers = frame(HEADERS, END_HEADERS, stream, block + self._metadata_block)
 
     def _read_reply(self, destination: Destination) -> list[tuple[pb.GetHeader, memoryview | None]]:
         out: list[tuple[pb.GetHeader, memoryview | None]] = []
@@ -400,60 +425,88 @@ class H2GetConnection:
         """Handle frames until a DATA frame of our stream with payload; _StreamEnded on trailers."""
         while True:
             length, kind, flags, stream = frame_header(self._sock.take(9))
-            if kind == DATA:
-                self._window(length, stream)
-                pad = 0
-                if flags & PADDED:
-                    pad = self._sock.take(1)[0]
-                    length -= 1
-                if stream != self._stream:
-                    self._sock.skip(length)
-                    continue
-                if pad > length:
-                    raise FallBack("DATA padding longer than the frame")
-                self._data_left, self._pad_left = length - pad, pad
-                self._data_ends = bool(flags & END_STREAM)
-                if self._data_left:
-                    return
-                if self._pad_left:
-                    self._sock.skip(self._pad_left)
-                    self._pad_left = 0
-                if self._data_ends:
-                    raise FallBack("END_STREAM on a DATA frame: the reply has no status")
-            elif kind == HEADERS:
-                fields = self._header_block(length, flags)
-                if stream != self._stream:
-                    continue
-                if flags & END_STREAM:
-                    self._trailers = fields
-                    raise _StreamEnded
-                self._headers = fields
-            elif kind == SETTINGS:
-                payload = self._sock.take(length)
-                if not flags & ACK:
-                    self._sock.sock.sendall(frame(SETTINGS, ACK, 0))
-                del payload
-            elif kind == PING:
-                payload = self._sock.take(length)
-                if not flags & ACK:
-                    self._sock.sock.sendall(frame(PING, ACK, 0, payload))
-            elif kind == RST_STREAM:
-                payload = self._sock.take(length)
-                if stream == self._stream:
-                    (code,) = struct.unpack(">I", payload[:4])
-                    raise FallBack(f"the daemon reset the stream (HTTP/2 error {code})")
-            elif kind == GOAWAY:
-                payload = b"".join(self._chunks(length))
-                last, code = struct.unpack(">II", payload[:8]) if length >= 8 else (0, -1)
-                if code != 0 or (last & MAX_WINDOW) < self._stream:
-                    raise FallBack("the daemon is closing the connection (GOAWAY)")
-                self._closing = True  # a graceful stop that lets this call finish; no new calls here
-            elif kind == CONTINUATION:
-                raise FallBack("CONTINUATION without HEADERS")
-            elif kind == PUSH_PROMISE:
-                raise FallBack("PUSH_PROMISE although push is disabled")
-            else:  # PRIORITY, WINDOW_UPDATE, unknown: nothing to do
+            if kind != DATA:
+                self._control(kind, flags, stream, length)
+                continue
+            self._window(length, stream)
+            pad = 0
+            if flags & PADDED:
+                pad = self._sock.take(1)[0]
+                length -= 1
+            if stream != self._stream:
                 self._sock.skip(length)
+                continue
+            if pad > length:
+                raise FallBack("DATA padding longer than the frame")
+            self._data_left, self._pad_left = length - pad, pad
+            self._data_ends = bool(flags & END_STREAM)
+            if self._data_left:
+                return
+            if self._pad_left:
+                self._sock.skip(self._pad_left)
+                self._pad_left = 0
+            if self._data_ends:
+                raise FallBack("END_STREAM on a DATA frame: the reply has no status")
+
+    def _control(self, kind: int, flags: int, stream: int, length: int) -> None:
+        """A frame other than DATA whose 9-byte header was read: its payload read and
+        acted on; _StreamEnded when it carries our stream's trailers."""
+        if kind == HEADERS:
+            fields = self._header_block(length, flags)
+            if stream != self._stream:
+                return
+            if flags & END_STREAM:
+                self._trailers = fields
+                raise _StreamEnded
+            self._headers = fields
+        elif kind == SETTINGS:
+            self._settings(flags, self._sock.take(length))
+        elif kind == WINDOW_UPDATE:
+            self._window_update(stream, self._sock.take(length))
+        elif kind == PING:
+            payload = self._sock.take(length)
+            if not flags & ACK:
+                self._sock.sock.sendall(frame(PING, ACK, 0, payload))
+        elif kind == RST_STREAM:
+            payload = self._sock.take(length)
+            if stream == self._stream:
+                (code,) = struct.unpack(">I", payload[:4])
+                if code == NO_ERROR and self._trailers is not None:
+                    return  # answered: the rest of the request is not wanted
+                raise FallBack(f"the daemon reset the stream (HTTP/2 error {code})")
+        elif kind == GOAWAY:
+            payload = b"".join(self._chunks(length))
+            last, code = struct.unpack(">II", payload[:8]) if length >= 8 else (0, -1)
+            if code != 0 or (last & MAX_WINDOW) < self._stream:
+                raise FallBack("the daemon is closing the connection (GOAWAY)")
+            self._closing = True  # a graceful stop that lets this call finish; no new calls here
+        elif kind == CONTINUATION:
+            raise FallBack("CONTINUATION without HEADERS")
+        elif kind == PUSH_PROMISE:
+            raise FallBack("PUSH_PROMISE although push is disabled")
+        else:  # PRIORITY, unknown: nothing to do
+            self._sock.skip(length)
+
+    def _settings(self, flags: int, payload: bytes) -> None:
+        """The daemon's SETTINGS: what limits our sending kept, acknowledged."""
+        if flags & ACK:
+            return
+        for at in range(0, len(payload) - 5, 6):
+            ident, value = struct.unpack_from(">HI", payload, at)
+            if ident == SETTINGS_MAX_FRAME_SIZE and MIN_FRAME <= value <= MAX_FRAME:
+                self.peer_frame = value
+            elif ident == SETTINGS_INITIAL_WINDOW_SIZE and value <= MAX_WINDOW:
+                self.stream_send += value - self._peer_initial
+                self._peer_initial = value
+        self.settings_seen = True
+        self._sock.sock.sendall(frame(SETTINGS, ACK, 0))
+
+    def _window_update(self, stream: int, payload: bytes) -> None:
+        grow = int.from_bytes(payload[:4], "big") & MAX_WINDOW
+        if stream == 0:
+            self.send_window += grow
+        elif stream == self._stream:
+            self.stream_send += grow
 
     def _header_block(self, length: int, flags: int) -> list[tuple[str, str]]:
         payload = self._sock.take(length) if length <= BUFFER else b"".join(self._chunks(length))

@@ -72,12 +72,15 @@ class Client:
     docstring)."""
 
     def __init__(
-        self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, direct_reads: bool = True,
-        direct_writes: bool = True, **kwargs: Any,
+        self, address: str = "127.0.0.1:51061", *, http2_get: bool = True, http2_put: bool = True,
+        direct_reads: bool = True, direct_writes: bool = True, **kwargs: Any,
     ) -> None:
-        for name, flag in (("http2_get", http2_get), ("direct_reads", direct_reads), ("direct_writes", direct_writes)):
+        flags = (("http2_get", http2_get), ("http2_put", http2_put), ("direct_reads", direct_reads),
+                 ("direct_writes", direct_writes))
+        for name, flag in flags:
             if not isinstance(flag, bool):
                 raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
+        self._http2_put = http2_put
         self._direct_reads = direct_reads
         self._direct_writes = direct_writes
         self._loop = asyncio.new_event_loop()
@@ -90,7 +93,8 @@ class Client:
         self._blocking_lock = threading.Lock()
         #: The HTTP/2 shortcut; None: turned off, or a target it cannot parse (dns:///, unix:, ...).
         self._h2: H2GetChannel | None = None
-        target = parse_address(address) if http2_get else None
+        target = parse_address(address) if http2_get or http2_put else None
+        self._http2_get = http2_get
         if target is not None:
             tls = _ssl_context(kwargs.get("tls"))
             self._h2 = H2GetChannel(Target(
@@ -150,6 +154,11 @@ class Client:
         """Gets served over the HTTP/2 shortcut (the others went through grpcio or shared memory)."""
         return 0 if self._h2 is None else self._h2.served
 
+    @property
+    def http2_puts(self) -> int:
+        """Put calls (``put`` or ``put_many``) made over the HTTP/2 shortcut to the daemon's listener."""
+        return 0 if self._h2 is None else self._h2.puts
+
     def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
         tier = self._arena_put(key, value, durable)
         if tier is not None:
@@ -158,16 +167,28 @@ class Client:
             tier = self._direct_put(key, value, durable)
             if tier is not None:
                 return tier
+        tiers = self._h2_put([(key, value)], durable)
+        if tiers is not None:
+            return tiers[0]
         return self._run(self._aio.put(key, value, durable=durable))
 
     def put_many(self, items: Sequence[tuple[KeyLike, Value]], *, durable: bool = False) -> list[str]:
         """As :meth:`AsyncClient.put_many`; direct writes from the calling thread."""
         out = self._arena_put_many(items, durable)
         if out is None:
-            return self._run(self._aio.put_many(items, durable=durable))
+            tiers = self._h2_put(items, durable) if items else None
+            return tiers if tiers is not None else self._run(self._aio.put_many(items, durable=durable))
         rest = not_written(out)
         tiers = self._run(self._aio.put_many([items[i] for i in rest], durable=durable)) if rest else []
         return filled(out, rest, tiers)
+
+    def _h2_put(self, items: Sequence[tuple[KeyLike, Value]], durable: bool) -> list[str] | None:
+        """The tiers, or None: use the ordinary path (shared memory in use or not tried
+        yet, no listener, the connection busy or failing: grpcio then retries and reports)."""
+        if self._h2 is None or not self._http2_put or self._closed or not self._aio.stream_only:
+            return None
+        prepared = [(key_text(k), *to_payload(v)) for k, v in items]
+        return self._h2.put(prepared, durable=durable, metadata=self._aio.metadata, timeout_s=self._aio.timeout_s)
 
     def get(self, key: KeyLike) -> Fetched | None:
         return self.get_many([key])[0]
@@ -223,7 +244,7 @@ class Client:
     def _h2_get(self, texts: list[str], into: torch.Tensor | None) -> list[Fetched | None] | None:
         """The chunks, or None: use the ordinary path (shared memory in use or not tried yet,
         the connection busy or failing: grpcio then retries and reports)."""
-        if self._h2 is None or self._closed or not self._aio.stream_only:
+        if self._h2 is None or not self._http2_get or self._closed or not self._aio.stream_only:
             return None
         dest = None if into is None else tensor_view(into)
 

@@ -44,8 +44,12 @@ from kvstore.server.h2send import RESOURCE_EXHAUSTED, H2Sender, Stream
 
 log = logging.getLogger(__name__)
 
-#: Receive window given to each stream and to the connection (requests are small).
-RECV_WINDOW = 1 << 20
+#: Receive window given to each stream and to the connection, given back as it is
+#: received: a Put's data flows without waiting for it (what bounds the memory a
+#: call's request holds is its own limit: MAX_REQUEST, or a Put's queue, h2put.py).
+RECV_WINDOW = 16 << 20
+#: SETTINGS_MAX_FRAME_SIZE we announce: a Put's data comes in few frames.
+RECV_FRAME = 1 << 20
 #: Largest request message accepted; larger: RESOURCE_EXHAUSTED.
 MAX_REQUEST = 16 << 20
 #: Largest header block accepted (with its CONTINUATION frames).
@@ -85,6 +89,10 @@ class H2Connection(H2Sender, asyncio.Protocol):
         self._going = False  # our GOAWAY sent: no new streams
         self._peer_going = False
         self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
+        #: Inside a DATA frame of a streaming call, read as it arrives: (stream, payload bytes
+        #: still to come, whether the frame ends the stream).
+        self._inside: tuple[Stream, int, bool] | None = None
+        self._pausing: set[int] = set()  # streams whose queue is full: reading stopped
         self.peer = "unknown"
         self._linger: asyncio.TimerHandle | None = None
         #: Done once the connection is closed (both ways).
@@ -135,6 +143,12 @@ class H2Connection(H2Sender, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return  # closing: discarded
+        if self._inside is not None and not self._buf:
+            # A streaming call's payload, fed from the received bytes as they are (no copy).
+            used = self._feed(memoryview(data))
+            if used == len(data):
+                return
+            data = data[used:]
         self._buf += data
         try:
             self._parse()
@@ -199,10 +213,11 @@ class H2Connection(H2Sender, asyncio.Protocol):
             del buf[: len(PREFACE)]
             self._preface = True
             settings = struct.pack(
-                ">HIHIHI",
+                ">HIHIHIHI",
                 SETTINGS_MAX_CONCURRENT_STREAMS, self._max_streams,
                 SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
                 SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
+                SETTINGS_MAX_FRAME_SIZE, RECV_FRAME,
             )
             self._write(
                 frame(SETTINGS, 0, 0, settings)
@@ -211,10 +226,20 @@ class H2Connection(H2Sender, asyncio.Protocol):
         pos = 0
         view = memoryview(buf)
         try:
-            while len(buf) - pos >= 9 and not self._closed:
+            while not self._closed:
+                if self._inside is not None:
+                    pos += self._feed(memoryview(bytes(view[pos : pos + self._inside[1]])))
+                    if self._inside is not None:
+                        break  # the frame goes on in bytes still to come
+                if len(buf) - pos < 9:
+                    break
                 length, kind, flags, stream = parse_frame_header(view[pos : pos + 9])
-                if length > MIN_FRAME:  # we never raise SETTINGS_MAX_FRAME_SIZE
-                    raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes; at most {MIN_FRAME}")
+                if length > RECV_FRAME:
+                    raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes; at most {RECV_FRAME}")
+                if kind == DATA and not flags & PADDED and self._streaming(stream):
+                    pos += 9
+                    self._data_begins(flags, stream, length)
+                    continue
                 if len(buf) - pos < 9 + length:
                     break
                 payload = bytes(view[pos + 9 : pos + 9 + length])
@@ -346,10 +371,13 @@ class H2Connection(H2Sender, asyncio.Protocol):
                 raise ProtocolError(COMPRESSION_ERROR, f"undecodable header block: {exc}") from None
         st = self._streams.get(stream)
         if st is not None:  # trailers of the request: they end it
-            if not flags & END_STREAM or st.task is not None:
+            if not flags & END_STREAM or (st.task is not None and st.sink is None):
                 self._reset(st, PROTOCOL_ERROR)
                 return
-            self._start(st)
+            if st.sink is not None:
+                st.sink.end()
+            else:
+                self._start(st)
             return
         if stream <= self._last_stream:
             raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream}")
@@ -358,18 +386,77 @@ class H2Connection(H2Sender, asyncio.Protocol):
             self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", REFUSED_STREAM)))
             return
         st = self._streams[stream] = Stream(stream, fields, self._initial)
+        self._open(st)
         if flags & END_STREAM:
-            self._start(st)
+            if st.sink is not None:
+                st.sink.end()
+            else:
+                self._start(st)
 
-    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
-        self._received += len(payload)
+    def _streaming(self, stream: int) -> bool:
+        st = self._streams.get(stream)
+        return st is not None and st.sink is not None
+
+    def _data_received(self, stream: int, length: int) -> Stream | None:
+        """Count a DATA frame of ``length`` bytes against the windows (given back at
+        once, in steps of half a window); its open stream, or None when the stream
+        is over (its call answered or reset: the frame is ignored)."""
+        self._received += length
         if self._received >= RECV_WINDOW // 2:
             self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
             self._received = 0
         if stream == 0 or stream > self._last_stream:
             raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {stream}")
-        st = self._streams.get(stream)
-        if st is None or st.task is not None:
+        return self._streams.get(stream)
+
+    def _stream_window(self, st: Stream, length: int) -> None:
+        st.unacked += length
+        if st.unacked >= RECV_WINDOW // 2:
+            self._write(frame(WINDOW_UPDATE, 0, st.id, struct.pack(">I", st.unacked)))
+            st.unacked = 0
+
+    def _data_begins(self, flags: int, stream: int, length: int) -> None:
+        """A DATA frame of a streaming call begins: its payload is fed to the call's
+        sink as it arrives (:meth:`_feed`)."""
+        st = self._data_received(stream, length)
+        assert st is not None and st.sink is not None  # _streaming(stream)
+        if not flags & END_STREAM:
+            self._stream_window(st, length)
+        self._inside = (st, length, bool(flags & END_STREAM))
+        if length == 0:
+            self._feed(memoryview(b""))
+
+    def _feed(self, piece: memoryview) -> int:
+        """Feed the current streamed DATA frame's payload from ``piece`` (bytes that
+        never change); how many bytes of ``piece`` it took."""
+        assert self._inside is not None
+        st, left, ends = self._inside
+        k = min(left, len(piece))
+        if k and st.sink is not None and self._streams.get(st.id) is st:
+            st.sink.feed(piece[:k])
+        left -= k
+        self._inside = (st, left, ends) if left else None
+        if not left and ends and st.sink is not None:
+            st.sink.end()
+        return k
+
+    def _pause(self, stream: int) -> None:
+        """A streaming call's queue is full: stop reading until it drains (h2put.py)."""
+        if not self._pausing and self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+        self._pausing.add(stream)
+
+    def _resume(self, stream: int) -> None:
+        if stream in self._pausing:
+            self._pausing.discard(stream)
+            if not self._pausing and self._transport is not None and not self._closed:
+                self._transport.resume_reading()
+
+    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
+        st = self._data_received(stream, len(payload))
+        if st is None:
+            return  # a call already answered (a Put that failed early) or reset: ignored
+        if st.task is not None and st.sink is None:
             self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", STREAM_CLOSED)))
             return
         start, end = 0, len(payload)
@@ -377,6 +464,13 @@ class H2Connection(H2Sender, asyncio.Protocol):
             if not payload or payload[0] >= len(payload):
                 raise ProtocolError(PROTOCOL_ERROR, "DATA padding longer than the frame")
             start, end = 1, end - payload[0]
+        if st.sink is not None:  # a padded frame of a streaming call, read whole
+            st.sink.feed(memoryview(payload)[start:end])
+            if flags & END_STREAM:
+                st.sink.end()
+            else:
+                self._stream_window(st, len(payload))
+            return
         st.body += payload[start:end]
         if len(st.body) > MAX_REQUEST + 5:
             self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
@@ -385,10 +479,7 @@ class H2Connection(H2Sender, asyncio.Protocol):
         if flags & END_STREAM:
             self._start(st)
             return
-        st.unacked += len(payload)
-        if st.unacked >= RECV_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, stream, struct.pack(">I", st.unacked)))
-            st.unacked = 0
+        self._stream_window(st, len(payload))
 
     def _reset(self, st: Stream, code: int) -> None:
         self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", code)))
@@ -398,6 +489,11 @@ class H2Connection(H2Sender, asyncio.Protocol):
         self._close_if_idle()
 
     # -- a call -----------------------------------------------------------------------
+    def _open(self, st: Stream) -> None:
+        """A new stream's headers arrived (in ``st.fields``): a subclass may start a
+        streaming call here, setting ``st.sink`` and ``st.task``; the stream's DATA
+        then goes to the sink as it arrives, and :meth:`_start` is not called."""
+
     def _start(self, st: Stream) -> None:
         """``st``'s request is complete (headers in ``st.fields``, body in ``st.body``): serve it."""
         raise NotImplementedError

@@ -34,20 +34,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
 from kvstore.errors import KVStoreError
-from kvstore.http2 import END_HEADERS, END_STREAM, GET_PATH, HEADERS, STATUS_NAMES, frame, parse_grpc_timeout
+from kvstore.http2 import (
+    END_HEADERS, END_STREAM, GET_PATH, HEADERS, NO_ERROR, PUT_PATH, RST_STREAM, STATUS_NAMES, frame, parse_grpc_timeout,
+)
 from kvstore.metrics import Metrics
 from kvstore.server import frames
 from kvstore.server.h2conn import LINGER_S, H2Connection
+from kvstore.server.h2put import PutSink
 from kvstore.server.h2send import (
     DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED, Stream,
 )
@@ -88,10 +93,22 @@ class _Context:
 
 
 @dataclass(frozen=True, slots=True)
+class _Head:
+    """What a call's headers say: its metadata (no pseudo-headers) and deadline."""
+
+    metadata: tuple[tuple[str, str], ...]
+    timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Call:
     request: pb.GetRequest
     metadata: tuple[tuple[str, str], ...]
     timeout_s: float | None
+
+
+#: A call to run (its status when done), or the status refusing it.
+_Run = Callable[[], Awaitable[tuple[int, str]]] | tuple[int, str]
 
 
 def _progress(reply: object, keys_left: int, chunk_left: int) -> tuple[int, int]:
@@ -178,11 +195,21 @@ class _GetConnection(H2Connection):
         super().__init__(listener.connections, listener.max_streams)
         self._listener = listener
 
+    def _open(self, st: Stream) -> None:
+        """A Put starts at its headers: its messages are read as they arrive (h2put.py)."""
+        if dict(st.fields).get(":path") != PUT_PATH:
+            return
+        sink = st.sink = PutSink(lambda: self._pause(st.id), lambda: self._resume(st.id))
+        head = self._head(st, PUT_PATH)
+        run: _Run = head if isinstance(head, tuple) else functools.partial(self._put, st, sink, head)
+        st.task = asyncio.get_running_loop().create_task(self._serve(st, "KVStore/Put", run))
+
     def _start(self, st: Stream) -> None:
         call = self._request(st)
         if isinstance(call, _Call) and self._serve_now(st, call):
             return
-        st.task = asyncio.get_running_loop().create_task(self._serve(st, call))
+        run: _Run = call if isinstance(call, tuple) else functools.partial(self._call, st, call)
+        st.task = asyncio.get_running_loop().create_task(self._serve(st, "KVStore/Get", run))
 
     def _serve_now(self, st: Stream, call: _Call) -> bool:
         """Serve the call here and now when every chunk is in the top tier's host memory
@@ -226,12 +253,16 @@ class _GetConnection(H2Connection):
         self._close_if_idle()
         return True
 
-    async def _serve(self, st: Stream, call: _Call | tuple[int, str]) -> None:
+    async def _serve(self, st: Stream, method: str, run: _Run) -> None:
+        """Run a call (or refuse it with ``run``'s status) and end its stream."""
         started, name = time.perf_counter(), "UNKNOWN"
         try:
-            code, message = call if isinstance(call, tuple) else await self._call(st, call)
+            code, message = run if isinstance(run, tuple) else await run()
             name = STATUS_NAMES.get(code, "UNKNOWN")
             self._end(st, code, message)
+            if st.sink is not None and not st.sink.ended and self._streams.get(st.id) is st:
+                # Answered before the request ended (a Put refused early): the client may stop sending.
+                self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", NO_ERROR)))
         except (asyncio.CancelledError, ConnectionError):
             name = "CANCELLED"  # the client reset the stream or went away
         except Exception:
@@ -239,25 +270,25 @@ class _GetConnection(H2Connection):
             name = "INTERNAL"
             self._end(st, INTERNAL, "internal error in the daemon (see its log)")
         finally:
-            self._listener.metrics.observe_rpc("KVStore/Get", time.perf_counter() - started, name)
+            if st.sink is not None:
+                st.sink.close()
+            self._listener.metrics.observe_rpc(method, time.perf_counter() - started, name)
             if self._streams.get(st.id) is st:
                 del self._streams[st.id]
             self._close_if_idle()
 
-    def _request(self, st: Stream) -> _Call | tuple[int, str]:
-        """The call a stream's headers and body make, or the status refusing it."""
-        fields = st.fields
-        head = {k: v for k, v in fields if k.startswith(":") or k in ("content-type", "grpc-timeout", "grpc-encoding")}
+    def _head(self, st: Stream, path: str) -> _Head | tuple[int, str]:
+        """A call's headers checked (method, content type, path, deadline), or the status refusing it."""
+        head = {k: v for k, v in st.fields if k.startswith(":") or k in ("content-type", "grpc-timeout")}
         ctype = head.get("content-type", "")
         if head.get(":method") != "POST":
             return UNIMPLEMENTED, f"HTTP method {head.get(':method')!r}: gRPC calls are POST"
         if not (ctype == "application/grpc" or ctype.startswith(("application/grpc+proto", "application/grpc;"))):
             return UNIMPLEMENTED, f"content-type {ctype!r}: this port serves gRPC (application/grpc) only"
-        path = head.get(":path", "")
-        if path != GET_PATH:
+        if head.get(":path", "") != path:
             return UNIMPLEMENTED, (
-                f"{path}: this port serves {GET_PATH} only; the daemon's other methods are on its gRPC port "
-                f"{self._listener.main_port}"
+                f"{head.get(':path', '')}: this port serves {GET_PATH} and {PUT_PATH} only; the daemon's other "
+                f"methods are on its gRPC port {self._listener.main_port}"
             )
         timeout_s: float | None = None
         if "grpc-timeout" in head:
@@ -265,6 +296,13 @@ class _GetConnection(H2Connection):
                 timeout_s = parse_grpc_timeout(head["grpc-timeout"])
             except ValueError as exc:
                 return INVALID_ARGUMENT, str(exc)
+        return _Head(tuple((k, v) for k, v in st.fields if not k.startswith(":")), timeout_s)
+
+    def _request(self, st: Stream) -> _Call | tuple[int, str]:
+        """The Get call a stream's headers and body make, or the status refusing it."""
+        head = self._head(st, GET_PATH)
+        if isinstance(head, tuple):
+            return head
         body = st.body
         if len(body) < 5:
             return INVALID_ARGUMENT, "the call carries no request message: send one GetRequest"
@@ -277,7 +315,7 @@ class _GetConnection(H2Connection):
         st.body = bytearray()
         if not isinstance(request, pb.GetRequest):
             return INVALID_ARGUMENT, str(request)
-        return _Call(request, tuple((k, v) for k, v in fields if not k.startswith(":")), timeout_s)
+        return _Call(request, head.metadata, head.timeout_s)
 
     async def _call(self, st: Stream, call: _Call) -> tuple[int, str]:
         """Run the call; its status."""
@@ -307,3 +345,17 @@ class _GetConnection(H2Connection):
             return DEADLINE_EXCEEDED, f"the call's deadline ({timeout_s:g} s) passed before its reply was sent"
         return OK, ""
 
+    async def _put(self, st: Stream, sink: PutSink, head: _Head) -> tuple[int, str]:
+        """Run a Put on the request messages as they arrive; its status."""
+        context: Any = _Context(self.peer, head.metadata)
+        try:
+            async with asyncio.timeout(head.timeout_s) as deadline:
+                reply = await self._listener.service.Put(sink.messages(), context)
+                await self._send(st, (reply.SerializeToString(),), trailers=True)
+        except _Abort as exc:
+            return exc.code, exc.message
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            return DEADLINE_EXCEEDED, f"the call's deadline ({head.timeout_s:g} s) passed before it was answered"
+        return OK, ""

@@ -24,9 +24,10 @@ import asyncio
 import socket
 import struct
 
+from kvstore.server.h2put import PutSink
 from kvstore.http2 import (
     CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, HEADERS, INTERNAL_ERROR, MIN_FRAME, RST_STREAM, frame,
-    frame_header, grpc_message, literal,
+    frame_header, grpc_message, literal, next_bytes,
 )
 
 #: Pieces smaller than this are joined with the frame headers around them.
@@ -43,7 +44,7 @@ OK_TRAILERS = literal("grpc-status", "0")
 class Stream:
     """One stream's state: its request as it arrives, and what was sent on it."""
 
-    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial")
+    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial", "sink")
 
     def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
         self.id = stream_id
@@ -55,21 +56,9 @@ class Stream:
         self.replying = False  # response headers sent
         self.ended = False  # trailers sent
         self.partial = False  # a message begun and not finished
-
-
-def _next_bytes(views: list[memoryview], at: int, off: int, n: int) -> tuple[list[memoryview], int, int]:
-    """The next ``n`` bytes of the concatenation of ``views``, from byte ``off`` of
-    ``views[at]``, as slices; and where the bytes after them start."""
-    out = []
-    while n:
-        view = views[at]
-        k = min(len(view) - off, n)
-        out.append(view[off : off + k])
-        off += k
-        n -= k
-        if off == len(view):
-            at, off = at + 1, 0
-    return out, at, off
+        #: A streaming call's request messages (a Put: kvstore/server/h2put.py); None: the
+        #: request is gathered whole in ``body`` and served once complete.
+        self.sink: PutSink | None = None
 
 
 class H2Sender:
@@ -120,7 +109,7 @@ class H2Sender:
         while left:
             n = min(left, self._max_frame)
             small.append(frame_header(DATA, 0, stream, n))
-            slices, at, off = _next_bytes(views, at, off, n)
+            slices, at, off = next_bytes(views, at, off, n)
             for piece in slices:
                 if len(piece) < JOIN_BELOW:
                     small.append(piece)
@@ -144,7 +133,7 @@ class H2Sender:
             n = await self._allowance(st, left)
             self._window -= n
             st.window -= n
-            slices, at, off = _next_bytes(views, at, off, n)
+            slices, at, off = next_bytes(views, at, off, n)
             out: list[bytes | memoryview] = [first + frame_header(DATA, 0, st.id, n), *slices]
             first = b""
             left -= n

@@ -38,11 +38,12 @@ from kvstore.client import ClientTLS
 from kvstore.config import build
 from kvstore.errors import ConfigError
 from kvstore.http2 import (
-    ACK, ASK_HEADER, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_SIZE_ERROR, GET_PATH,
+    ACK, ASK_HEADER, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_SIZE_ERROR, GET_PATH, PUT_PATH,
     GOAWAY, HEADERS, MAX_WINDOW, NO_ERROR, PADDED, PING, PORT_HEADER, PREFACE, PRIORITY_FLAG, PROTOCOL_ERROR,
     REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, WINDOW_UPDATE, frame,
     grpc_timeout, literal, parse_frame_header,
 )
+from kvstore.server.h2conn import RECV_FRAME
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
@@ -446,14 +447,13 @@ def test_other_methods_are_unimplemented_naming_the_main_port(served: Served, lc
         "Exists": lambda: s.Exists(pb.ExistsRequest(keys=[k(1)]), timeout=10),
         "Lookup": lambda: s.Lookup(pb.LookupRequest(keys=[k(1)]), timeout=10),
         "Delete": lambda: s.Delete(pb.DeleteRequest(keys=[k(1)]), timeout=10),
-        "Put": lambda: raw_put(s, [(k(1), b"overwritten")]),
     }
     for name, call in calls.items():
-        err = rpc_error(call, grpc.StatusCode.UNIMPLEMENTED, f"/kvstore.v1.KVStore/{name}", GET_PATH)
+        err = rpc_error(call, grpc.StatusCode.UNIMPLEMENTED, f"/kvstore.v1.KVStore/{name}", GET_PATH, PUT_PATH)
         assert f"gRPC port {served.d.port}" in (err.details() or ""), err.details()
     # The health service too.
     rpc_error(lambda: health(served.address, ch=lch), grpc.StatusCode.UNIMPLEMENTED, str(served.d.port))
-    with channel(served.d.address) as ch:  # nothing was deleted or overwritten
+    with channel(served.d.address) as ch:  # nothing was deleted
         assert raw_get(stub(ch), [k(1)]) == [data(1)]
 
 
@@ -564,7 +564,7 @@ def test_garbage_is_closed(after_check: Served, garbage: bytes) -> None:
         (frame(SETTINGS, ACK, 0, bytes(6)), FRAME_SIZE_ERROR),  # an ACK with a payload
         (frame(PING, 0, 0, b"1234"), FRAME_SIZE_ERROR),
         (frame(WINDOW_UPDATE, 0, 0, b"\x00\x01"), FRAME_SIZE_ERROR),
-        (frame(DATA, 0, 1, bytes(20_000)), FRAME_SIZE_ERROR),  # over SETTINGS_MAX_FRAME_SIZE
+        (frame(DATA, 0, 1, bytes(RECV_FRAME + 1)), FRAME_SIZE_ERROR),  # over the SETTINGS_MAX_FRAME_SIZE announced
         (frame(HEADERS, END_HEADERS, 2, b"\x83"), PROTOCOL_ERROR),  # an even (server) stream
         (frame(SETTINGS, 0, 1, b""), PROTOCOL_ERROR),  # SETTINGS on a stream
         (frame(CONTINUATION, END_HEADERS, 1, b"\x83"), PROTOCOL_ERROR),  # without its HEADERS
