@@ -9,9 +9,9 @@ For each value size it times, in one run on one machine:
   larger than the last-level cache), as the daemon sees it: each put lands in
   another slot of its CPU tier, each get reads from wherever the chunk lives;
 * ``kvstore-grpc``: the daemon through the gRPC byte stream (``shm=False``):
-  puts through grpcio, gets through the sync client's own HTTP/2 connection
-  (kvstore/client/h2get.py) to the daemon's own Get listener
-  (kvstore/server/h2get.py; the note says how many gets took it, and where);
+  puts and gets through the sync client's own HTTP/2 connection
+  (kvstore/client/h2put.py, h2get.py) to the daemon's own listener
+  (kvstore/server/h2get.py; the note says how many calls took it, and where);
 * ``kvstore-shm``: the daemon through the shared-memory path (values placed
   in, and read into, buffers of the client's segment; gets read straight
   from the daemon's shared CPU arena, see kvstore/tiers/shared_arena.py);
@@ -240,7 +240,9 @@ def _bench_kvstore(address: str, size: int, iters: int, warmup: int, *, shm: boo
             )
         else:
             where = "the daemon's Get listener" if c.http2_get_port != int(address.rsplit(":", 1)[1]) else "its gRPC port"
-            note = f"{c.http2_gets} of {warmup + iters} gets over HTTP/2, now to {where}"
+            note = (
+                f"{c.http2_puts} puts and {c.http2_gets} gets of {warmup + iters} over HTTP/2, now to {where}"
+            )
     r = summarize("kvstore-shm" if shm else "kvstore-grpc", size, put_s, get_s)
     return dataclasses.replace(r, note=note)
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.chunk import Chunk, ChunkMeta, checksummer
 from kvstore.config import LimitsConfig
 from kvstore.errors import CapacityError, CorruptChunk, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey
@@ -159,6 +159,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         key: ChunkKey | None = None
         meta: ChunkMeta | None = None
         durable = False
+        summed = checksummer()
         buf: RecvBuffer | None = None  # set together with meta, released exactly once
         filled = 0
         started = 0.0  # when the current chunk's header arrived
@@ -189,6 +190,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                     meta = new_meta
                     durable = header.durable
                     filled = 0
+                    summed = checksummer()
                 elif part == "data":
                     if meta is None or buf is None:
                         raise InvalidArgument("data frame before any header: send a PutHeader first")
@@ -199,6 +201,9 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                             f"chunk {len(results)}: {filled + len(data)} bytes received, header said {meta.nbytes}"
                         )
                     buf.write(filled, data)
+                    # The checksum of the bytes as they arrive, while they are in the cache
+                    # (a second pass over the whole chunk at the end would read it from memory).
+                    summed.update(data)
                     filled += len(data)
                     self.limits.wrote(buf, filled)
                 else:
@@ -207,7 +212,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
                     done, done_meta = buf, meta
                     meta, buf = None, None
                     try:
-                        results.append(await self._commit(key, done_meta, done, durable))
+                        results.append(await self._commit(key, done_meta, done, durable, summed.intdigest()))
                         elapsed = time.perf_counter() - started
                         self._metrics.record_write(key, results[-1].tier, done_meta.nbytes, elapsed)
                     finally:
@@ -220,9 +225,9 @@ class KVStoreService(pb_grpc.KVStoreServicer):
             raise InvalidArgument(f"stream ended inside chunk {len(results)}: {filled} of {meta.nbytes} bytes received")
         return pb.PutReply(results=results)
 
-    async def _commit(self, key: ChunkKey, meta: ChunkMeta, buf: RecvBuffer, durable: bool) -> pb.PutResult:
+    async def _commit(self, key: ChunkKey, meta: ChunkMeta, buf: RecvBuffer, durable: bool, got: int) -> pb.PutResult:
+        """Store a received chunk whose bytes have the checksum ``got``."""
         view = buf.payload(meta.nbytes)
-        got = await self._offload(meta.nbytes, checksum, view)
         if got != meta.checksum:
             raise CorruptChunk(f"chunk {key}: payload fails its checksum (xxh3 {got:#x}, header {meta.checksum:#x})")
         tier = await self._store.put(key, Chunk(meta, view), durable=durable, verified=True)
