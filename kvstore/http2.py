@@ -1,7 +1,7 @@
 """The pieces of HTTP/2 (RFC 9113) and of gRPC's mapping onto it
-("PROTOCOL-HTTP2") that both ends of kvstore's own gRPC ``Get`` connection
-use: the sync client's reader (kvstore/client/h2get.py) and the daemon's
-listener (kvstore/server/h2get.py).
+("PROTOCOL-HTTP2") that both ends of kvstore's own gRPC ``Get`` and ``Put``
+connection use: the sync client's (kvstore/client/h2get.py, h2put.py) and
+the daemon's listener (kvstore/server/h2get.py, h2put.py).
 
 Header blocks are written as HPACK literals without indexing (RFC 7541
 6.2.2), which keeps no state between blocks, so either end may encode

@@ -30,7 +30,8 @@ import time
 from collections.abc import Sequence
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client.h2get import H2GetConnection, _StreamEnded
+from kvstore.client.h2get import H2GetConnection
+from kvstore.client.h2reader import _StreamEnded
 from kvstore.client.h2wire import FallBack, frame_header
 from kvstore.http2 import DATA, END_STREAM, PUT_PATH, next_bytes
 from kvstore.http2 import frame_header as encode_frame_header

@@ -17,7 +17,11 @@ base class, :class:`~kvstore.server.h2send.H2Sender` (kvstore/server/h2send.py).
 * a request whose headers and body are complete goes to :meth:`H2Connection._start`,
   which a subclass defines; it answers with :meth:`_send` and :meth:`_end`, or
   writes a whole reply at once with :meth:`_data_frames` and :meth:`_write_pieces`
-  (H2Sender's).
+  (H2Sender's);
+* a streaming call (a Put) starts at its headers instead (:meth:`H2Connection._open`
+  sets the stream's sink): its DATA payload is fed to the sink as it arrives,
+  straight from the received bytes, without waiting for whole frames; the sink
+  may stop and restart the connection's reading (:meth:`_pause`, :meth:`_resume`).
 
 Not implemented: server push, priorities (ignored), HTTP/1.1 (answered 505 and closed).
 """

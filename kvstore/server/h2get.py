@@ -1,5 +1,5 @@
-"""The daemon's own listener for ``KVStore/Get``: the same gRPC method, served
-over HTTP/2 by kvstore instead of grpcio.
+"""The daemon's own listener for ``KVStore/Get`` and ``KVStore/Put``: the same
+gRPC methods, served over HTTP/2 by kvstore instead of grpcio.
 
 Why: grpcio's server costs about 1.4 ms for one 1 MiB reply message on the
 2-core development VM (``benchmarks/bench_grpc_messages.py``: a bare
@@ -14,8 +14,15 @@ The listener runs the daemon's own Get handler
 tenant checks, stream limits, metrics and messages.  The sync client learns
 its port from the Get reply's initial metadata (it asks with the request
 header :data:`ASK_HEADER`; the daemon answers :data:`PORT_HEADER`) and moves
-its gets there; any gRPC client may call Get on this port (grpcio is tested
-as one).  Every other method is answered UNIMPLEMENTED with the main port.
+its gets and puts there; any gRPC client may call Get and Put on this port
+(grpcio is tested as one).  Every other method is answered UNIMPLEMENTED
+with the main port.
+
+A Put starts at its headers and runs the daemon's own Put handler
+(:meth:`~kvstore.server.service.KVStoreService.Put`) on its request messages
+as they arrive (kvstore/server/h2put.py); its reply and trailers go in one
+write.  A Put answered before its request ended (refused) also gets
+RST_STREAM(NO_ERROR), so the client stops sending.
 
 The HTTP/2 side (flow control, frames, GOAWAY, graceful close) is
 kvstore/server/h2conn.py, with what it sends (DATA frames as the windows
