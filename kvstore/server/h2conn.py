@@ -140,6 +140,9 @@ class H2Connection(H2Sender, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._peer_going = True
+        for st in self._streams.values():
+            if st.sink is not None and not st.sink.ended and st.task is not None:
+                st.task.cancel()  # a request cut off: it can never end now
         if self._transport is not None and (self._closed or not self._streams):
             self._transport.close()  # both sides done
         return True  # keep the write side open for the replies in flight (a half-close)

@@ -128,7 +128,7 @@ class PutSink:
                 used = _data_prefix(bytes(self._head), size)
                 if used is not None:
                     self._data = True
-                    if len(self._head) > used:
+                    if len(self._head) > used or not self._left:  # (an empty one too, as grpcio's port hands it on)
                         self._push(memoryview(bytes(self._head[used:])))
                     if not self._left:
                         self._ready.set()  # the message is complete
