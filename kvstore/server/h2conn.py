@@ -1,8 +1,11 @@
 """The server side of HTTP/2 (RFC 9113) for gRPC calls ("PROTOCOL-HTTP2"), one
 connection per :class:`H2Connection`: what kvstore's own Get listener
 (kvstore/server/h2get.py) speaks, without the call it serves.  This module is
-the connection's life and the frames it reads; what it sends for a call is its
-base class, :class:`~kvstore.server.h2send.H2Sender` (kvstore/server/h2send.py).
+the connection's life and the frames it reads; the DATA frames are its base
+class :class:`~kvstore.server.h2data.H2DataReader` (kvstore/server/h2data.py:
+receive windows, requests gathered whole, a streaming call's payload fed as it
+arrives), and what it sends for a call is that one's base,
+:class:`~kvstore.server.h2send.H2Sender` (kvstore/server/h2send.py).
 
 * the client preface, then SETTINGS both ways; flow control on what it sends
   (connection and stream windows, the peer's SETTINGS_INITIAL_WINDOW_SIZE and
@@ -44,18 +47,11 @@ from kvstore.http2 import (
     SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE, STREAM_CLOSED,
     WINDOW_UPDATE, frame, parse_frame_header, stateless_fields,
 )
-from kvstore.server.h2send import RESOURCE_EXHAUSTED, H2Sender, Stream
+from kvstore.server.h2data import RECV_FRAME, RECV_WINDOW, H2DataReader, ProtocolError
+from kvstore.server.h2send import Stream
 
 log = logging.getLogger(__name__)
 
-#: Receive window given to each stream and to the connection, given back as it is
-#: received: a Put's data flows without waiting for it (what bounds the memory a
-#: call's request holds is its own limit: MAX_REQUEST, or a Put's queue, h2put.py).
-RECV_WINDOW = 16 << 20
-#: SETTINGS_MAX_FRAME_SIZE we announce: a Put's data comes in few frames.
-RECV_FRAME = 1 << 20
-#: Largest request message accepted; larger: RESOURCE_EXHAUSTED.
-MAX_REQUEST = 16 << 20
 #: Largest header block accepted (with its CONTINUATION frames).
 MAX_HEADER_LIST = 64 << 10
 #: The transport's buffer above which a call waits before writing its next frame.
@@ -66,15 +62,7 @@ LINGER_S = 5.0
 SOCKET_BUFFER = 4 << 20
 
 
-class ProtocolError(Exception):
-    """The peer broke the protocol: GOAWAY with ``code`` and close."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class H2Connection(H2Sender, asyncio.Protocol):
+class H2Connection(H2DataReader, asyncio.Protocol):
     """One client's HTTP/2 connection; see the module docstring."""
 
     def __init__(self, connections: set[H2Connection], max_streams: int) -> None:
@@ -89,14 +77,9 @@ class H2Connection(H2Sender, asyncio.Protocol):
         self._streams: dict[int, Stream] = {}
         self._last_stream = 0
         self._initial = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
-        self._received = 0  # connection: bytes received and not yet given back
         self._going = False  # our GOAWAY sent: no new streams
         self._peer_going = False
         self._continuing: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
-        #: Inside a DATA frame of a streaming call, read as it arrives: (stream, payload bytes
-        #: still to come, whether the frame ends the stream).
-        self._inside: tuple[Stream, int, bool] | None = None
-        self._pausing: set[int] = set()  # streams whose queue is full: reading stopped
         self.peer = "unknown"
         self._linger: asyncio.TimerHandle | None = None
         #: Done once the connection is closed (both ways).
@@ -399,94 +382,6 @@ class H2Connection(H2Sender, asyncio.Protocol):
                 st.sink.end()
             else:
                 self._start(st)
-
-    def _streaming(self, stream: int) -> bool:
-        st = self._streams.get(stream)
-        return st is not None and st.sink is not None
-
-    def _data_received(self, stream: int, length: int) -> Stream | None:
-        """Count a DATA frame of ``length`` bytes against the windows (given back at
-        once, in steps of half a window); its open stream, or None when the stream
-        is over (its call answered or reset: the frame is ignored)."""
-        self._received += length
-        if self._received >= RECV_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
-            self._received = 0
-        if stream == 0 or stream > self._last_stream:
-            raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {stream}")
-        return self._streams.get(stream)
-
-    def _stream_window(self, st: Stream, length: int) -> None:
-        st.unacked += length
-        if st.unacked >= RECV_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, st.id, struct.pack(">I", st.unacked)))
-            st.unacked = 0
-
-    def _data_begins(self, flags: int, stream: int, length: int) -> None:
-        """A DATA frame of a streaming call begins: its payload is fed to the call's
-        sink as it arrives (:meth:`_feed`)."""
-        st = self._data_received(stream, length)
-        assert st is not None and st.sink is not None  # _streaming(stream)
-        if not flags & END_STREAM:
-            self._stream_window(st, length)
-        self._inside = (st, length, bool(flags & END_STREAM))
-        if length == 0:
-            self._feed(memoryview(b""))
-
-    def _feed(self, piece: memoryview) -> int:
-        """Feed the current streamed DATA frame's payload from ``piece`` (bytes that
-        never change); how many bytes of ``piece`` it took."""
-        assert self._inside is not None
-        st, left, ends = self._inside
-        k = min(left, len(piece))
-        if k and st.sink is not None and self._streams.get(st.id) is st:
-            st.sink.feed(piece[:k])
-        left -= k
-        self._inside = (st, left, ends) if left else None
-        if not left and ends and st.sink is not None:
-            st.sink.end()
-        return k
-
-    def _pause(self, stream: int) -> None:
-        """A streaming call's queue is full: stop reading until it drains (h2put.py)."""
-        if not self._pausing and self._transport is not None and not self._closed:
-            self._transport.pause_reading()
-        self._pausing.add(stream)
-
-    def _resume(self, stream: int) -> None:
-        if stream in self._pausing:
-            self._pausing.discard(stream)
-            if not self._pausing and self._transport is not None and not self._closed:
-                self._transport.resume_reading()
-
-    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
-        st = self._data_received(stream, len(payload))
-        if st is None:
-            return  # a call already answered (a Put that failed early) or reset: ignored
-        if st.task is not None and st.sink is None:
-            self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", STREAM_CLOSED)))
-            return
-        start, end = 0, len(payload)
-        if flags & PADDED:
-            if not payload or payload[0] >= len(payload):
-                raise ProtocolError(PROTOCOL_ERROR, "DATA padding longer than the frame")
-            start, end = 1, end - payload[0]
-        if st.sink is not None:  # a padded frame of a streaming call, read whole
-            st.sink.feed(memoryview(payload)[start:end])
-            if flags & END_STREAM:
-                st.sink.end()
-            else:
-                self._stream_window(st, len(payload))
-            return
-        st.body += payload[start:end]
-        if len(st.body) > MAX_REQUEST + 5:
-            self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
-            self._reset(st, NO_ERROR)
-            return
-        if flags & END_STREAM:
-            self._start(st)
-            return
-        self._stream_window(st, len(payload))
 
     def _reset(self, st: Stream, code: int) -> None:
         self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", code)))

@@ -325,14 +325,13 @@ class _GetConnection(H2Connection):
         return _Call(request, head.metadata, head.timeout_s)
 
     async def _call(self, st: Stream, call: _Call) -> tuple[int, str]:
-        """Run the call; its status."""
-        request, timeout_s = call.request, call.timeout_s
+        """Run a Get; its status."""
+        request = call.request
         context: Any = _Context(self.peer, call.metadata)
-        keys_left, chunk_left = len(request.keys), 0
-        try:
-            async with asyncio.timeout(timeout_s) as deadline, contextlib.aclosing(
-                self._listener.service.Get(request, context)
-            ) as replies:
+
+        async def run() -> None:
+            keys_left, chunk_left = len(request.keys), 0
+            async with contextlib.aclosing(self._listener.service.Get(request, context)) as replies:
                 async for reply in replies:
                     keys_left, chunk_left = _progress(reply, keys_left, chunk_left)
                     if keys_left:
@@ -344,25 +343,29 @@ class _GetConnection(H2Connection):
                     await self._send(st, frames.parts(reply), trailers=True)
                     async for extra in replies:
                         raise AssertionError(f"the Get handler went on after the last chunk: {type(extra).__name__}")
-        except _Abort as exc:
-            return exc.code, exc.message
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            return DEADLINE_EXCEEDED, f"the call's deadline ({timeout_s:g} s) passed before its reply was sent"
-        return OK, ""
+
+        return await _status(run, call.timeout_s)
 
     async def _put(self, st: Stream, sink: PutSink, head: _Head) -> tuple[int, str]:
         """Run a Put on the request messages as they arrive; its status."""
         context: Any = _Context(self.peer, head.metadata)
-        try:
-            async with asyncio.timeout(head.timeout_s) as deadline:
-                reply = await self._listener.service.Put(sink.messages(), context)
-                await self._send(st, (reply.SerializeToString(),), trailers=True)
-        except _Abort as exc:
-            return exc.code, exc.message
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            return DEADLINE_EXCEEDED, f"the call's deadline ({head.timeout_s:g} s) passed before it was answered"
-        return OK, ""
+
+        async def run() -> None:
+            reply = await self._listener.service.Put(sink.messages(), context)
+            await self._send(st, (reply.SerializeToString(),), trailers=True)
+
+        return await _status(run, head.timeout_s)
+
+
+async def _status(run: Callable[[], Awaitable[None]], timeout_s: float | None) -> tuple[int, str]:
+    """Run a call's handler (which sends the reply) within the call's deadline; the call's status."""
+    try:
+        async with asyncio.timeout(timeout_s) as deadline:
+            await run()
+    except _Abort as exc:
+        return exc.code, exc.message
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        return DEADLINE_EXCEEDED, f"the call's deadline ({timeout_s:g} s) passed before its reply was sent"
+    return OK, ""

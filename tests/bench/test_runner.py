@@ -14,8 +14,8 @@ def test_a_small_run_measures_every_target_and_both_copy_references() -> None:
         for target in ("memcpy", "memcpy-distinct", "kvstore-grpc", "kvstore-shm"):
             r = rows[(target, size)]
             assert r["put_gbps"] > 0 and r["get_gbps"] > 0, r
-        # Every gRPC get of the run went over the client's HTTP/2 reader (run() checked the bytes).
-        assert rows[("kvstore-grpc", size)]["note"].startswith("5 of 5 gets over HTTP/2")
+        # Every gRPC put and get of the run went over the client's HTTP/2 connection (run() checked the bytes).
+        assert rows[("kvstore-grpc", size)]["note"].startswith("5 puts and 5 gets of 5 over HTTP/2")
         assert "x 2 buffers" in rows[("memcpy-distinct", size)]["note"]
         # Batches: put only; every value of every batch (warm-up included) written directly.
         batch = rows[("kvstore-shm-x8", size)]
