@@ -14,14 +14,19 @@
   frames (:meth:`H2DataReader._data_begins`, :meth:`H2DataReader._feed`), and
   the connection's reading stopped while the sink's queue is full
   (:meth:`H2DataReader._pause`, :meth:`H2DataReader._resume`);
-* DATA on a stream already answered or reset is ignored.
+* DATA on a stream already answered or reset is ignored;
+* what the streams of one connection hold gathered is bounded
+  (:data:`MAX_BUFFERED`): the connection is closed past it.
 """
 
 from __future__ import annotations
 
 import struct
 
-from kvstore.http2 import END_STREAM, NO_ERROR, PADDED, PROTOCOL_ERROR, RST_STREAM, STREAM_CLOSED, WINDOW_UPDATE, frame
+from kvstore.http2 import (
+    END_STREAM, ENHANCE_YOUR_CALM, MIN_FRAME, NO_ERROR, PADDED, PROTOCOL_ERROR, RST_STREAM, STREAM_CLOSED,
+    WINDOW_UPDATE, frame,
+)
 from kvstore.server.h2send import RESOURCE_EXHAUSTED, H2Sender, Stream
 
 #: Receive window given to each stream and to the connection, given back as it is
@@ -32,6 +37,9 @@ RECV_WINDOW = 16 << 20
 RECV_FRAME = 1 << 20
 #: Largest request message accepted; larger: RESOURCE_EXHAUSTED.
 MAX_REQUEST = 16 << 20
+#: Request bytes all the streams of one connection may hold gathered before their requests
+#: end (a Get's is tens of bytes a key); more closes the connection (GOAWAY ENHANCE_YOUR_CALM).
+MAX_BUFFERED = 2 * MAX_REQUEST
 
 
 class ProtocolError(Exception):
@@ -145,6 +153,10 @@ class H2DataReader(H2Sender):
             self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
             self._reset(st, NO_ERROR)
             return
+        if len(st.body) > MIN_FRAME and sum(len(other.body) for other in self._streams.values()) > MAX_BUFFERED:
+            raise ProtocolError(
+                ENHANCE_YOUR_CALM, f"over {MAX_BUFFERED} bytes of unfinished requests on one connection; finish them first"
+            )
         if flags & END_STREAM:
             self._start(st)
             return

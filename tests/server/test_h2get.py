@@ -38,12 +38,14 @@ from kvstore.client import ClientTLS
 from kvstore.config import build
 from kvstore.errors import ConfigError
 from kvstore.http2 import (
-    ACK, ASK_HEADER, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_SIZE_ERROR, GET_PATH, PUT_PATH,
+    ACK, ASK_HEADER, CANCEL, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM,
+    FRAME_SIZE_ERROR, GET_PATH, PUT_PATH,
     GOAWAY, HEADERS, MAX_WINDOW, NO_ERROR, PADDED, PING, PORT_HEADER, PREFACE, PRIORITY_FLAG, PROTOCOL_ERROR,
     REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, WINDOW_UPDATE, frame,
     grpc_timeout, literal, parse_frame_header,
 )
 from kvstore.server.h2conn import RECV_FRAME
+from kvstore.server.h2data import MAX_BUFFERED, MAX_REQUEST
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
@@ -756,6 +758,26 @@ def test_a_request_over_16_mib_is_refused(after_check: Served, lch: grpc.Channel
     rpc_error(lambda: list(stub(lch).Get(pb.GetRequest(keys=keys), timeout=60)),
               grpc.StatusCode.RESOURCE_EXHAUSTED, "16777216")
     assert raw_get(stub(lch), [k(3)]) == [data(3)]
+
+
+def test_unfinished_requests_on_one_connection_are_bounded(after_check: Served) -> None:
+    """Streams whose Get requests never end may hold at most MAX_BUFFERED bytes on one
+    connection together (each alone is under MAX_REQUEST): past it, GOAWAY
+    ENHANCE_YOUR_CALM and the connection closes; the daemon serves on."""
+    piece = bytes(RECV_FRAME)
+    with H2(after_check.port) as h:
+        sent = 0
+        stream = 1
+        while sent <= MAX_BUFFERED:
+            h.send(frame(HEADERS, END_HEADERS, stream, header_block()))
+            for _ in range(MAX_REQUEST // RECV_FRAME - 1):  # under MAX_REQUEST each: no stream is refused alone
+                h.send(frame(DATA, 0, stream, piece))
+                sent += len(piece)
+            stream += 2
+        h.until_closed()
+        assert h.goaway is not None and h.goaway[1] == ENHANCE_YOUR_CALM, h.goaway
+        assert sent > MAX_BUFFERED
+    assert_still_serves(after_check)
 
 
 # == TLS =============================================================================================
