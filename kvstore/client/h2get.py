@@ -53,7 +53,7 @@ import hpack
 
 from kvstore.client.h2reader import H2Reader
 from kvstore.client.h2wire import (
-    BUFFER, BufferedSocket, FallBack, Target, connect, data_prefix, frame_header, inline_data_at, varint_len,
+    BUFFER, BufferedSocket, FallBack, Target, connect, frame_header, inline_data_at, varint_len,
 )
 from kvstore.errors import KVStoreError, error_for_status
 from kvstore.http2 import (
@@ -61,6 +61,7 @@ from kvstore.http2 import (
     PUSH_PROMISE, RST_STREAM, SETTINGS, SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE, frame, grpc_timeout, literal,
 )
+from kvstore.server.frames import data_prefix
 from kvstore.v1 import kvstore_pb2 as pb
 
 #: A Get request larger than this goes through grpcio (it would need to be sent

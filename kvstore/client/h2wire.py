@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from kvstore.http2 import MAX_FRAME, parse_frame_header
+from kvstore.server.frames import varint
 
 #: Receive buffer for frame headers and small messages; payloads bypass it.
 BUFFER = 256 << 10
@@ -135,26 +136,6 @@ def frame_header(raw: bytes) -> tuple[int, int, int, int]:
     if got[0] > MAX_FRAME:
         raise FallBack(f"frame of {got[0]} bytes, larger than the {MAX_FRAME} allowed")
     return got
-
-
-def data_prefix(head: bytes) -> tuple[int | None, int]:
-    """(payload length, bytes of tag + varint) when ``head`` starts a ``data`` field, else (None, 0)."""
-    if not head or head[0] != 0x12:
-        return None, 0
-    got = varint(head, 1)
-    return (None, 0) if got is None else got
-
-
-def varint(raw: bytes, at: int) -> tuple[int, int] | None:
-    """(value, position after it) of the varint at ``at``, or None if ``raw`` ends first."""
-    n = shift = 0
-    for i in range(at, min(len(raw), at + 10)):
-        b = raw[i]
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i + 1
-        shift += 7
-    return None
 
 
 def varint_len(n: int) -> int:

@@ -80,6 +80,7 @@ class Client:
         for name, flag in flags:
             if not isinstance(flag, bool):
                 raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
+        self._http2_get = http2_get
         self._http2_put = http2_put
         self._direct_reads = direct_reads
         self._direct_writes = direct_writes
@@ -94,7 +95,6 @@ class Client:
         #: The HTTP/2 shortcut; None: turned off, or a target it cannot parse (dns:///, unix:, ...).
         self._h2: H2GetChannel | None = None
         target = parse_address(address) if http2_get or http2_put else None
-        self._http2_get = http2_get
         if target is not None:
             tls = _ssl_context(kwargs.get("tls"))
             self._h2 = H2GetChannel(Target(

@@ -73,21 +73,31 @@ def encode(frame: Message | memoryview | bytes | HeaderWithData) -> bytes:
     return b"".join(parts(frame))
 
 
-def _data_view(raw: bytes) -> memoryview | None:
-    """The payload of a frame that is exactly one data field, else None."""
-    if not raw or raw[0] != DATA_TAG:
-        return None
-    n = 0
-    shift = 0
-    i = 1
-    while i < len(raw) and i <= 10:
+def varint(raw: bytes | bytearray | memoryview, at: int) -> tuple[int, int] | None:
+    """(value, position after it) of the varint at ``at``, or None if ``raw`` ends first."""
+    n = shift = 0
+    for i in range(at, min(len(raw), at + 10)):
         b = raw[i]
         n |= (b & 0x7F) << shift
-        i += 1
         if not b & 0x80:
-            return memoryview(raw)[i:] if len(raw) - i == n else None
+            return n, i + 1
         shift += 7
     return None
+
+
+def data_prefix(head: bytes | bytearray | memoryview) -> tuple[int | None, int]:
+    """(payload length, bytes of tag + varint) when ``head`` (a frame's first bytes)
+    starts a ``data`` field, else (None, 0)."""
+    if not head or head[0] != DATA_TAG:
+        return None, 0
+    got = varint(head, 1)
+    return (None, 0) if got is None else got
+
+
+def _data_view(raw: bytes) -> memoryview | None:
+    """The payload of a frame that is exactly one data field, else None."""
+    length, used = data_prefix(raw)
+    return memoryview(raw)[used:] if length is not None and used + length == len(raw) else None
 
 
 def decoder(cls: type[M]) -> Callable[[bytes], M | memoryview]:

@@ -364,10 +364,7 @@ class H2Connection(H2DataReader, asyncio.Protocol):
             if not flags & END_STREAM or (st.task is not None and st.sink is None):
                 self._reset(st, PROTOCOL_ERROR)
                 return
-            if st.sink is not None:
-                st.sink.end()
-            else:
-                self._start(st)
+            self._request_ends(st)
             return
         if stream <= self._last_stream:
             raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream}")
@@ -378,10 +375,14 @@ class H2Connection(H2DataReader, asyncio.Protocol):
         st = self._streams[stream] = Stream(stream, fields, self._initial)
         self._open(st)
         if flags & END_STREAM:
-            if st.sink is not None:
-                st.sink.end()
-            else:
-                self._start(st)
+            self._request_ends(st)
+
+    def _request_ends(self, st: Stream) -> None:
+        """END_STREAM on a HEADERS frame: a streaming call's sink ends, any other request is served."""
+        if st.sink is not None:
+            st.sink.end()
+        else:
+            self._start(st)
 
     def _reset(self, st: Stream, code: int) -> None:
         self._write(frame(RST_STREAM, 0, st.id, struct.pack(">I", code)))

@@ -109,9 +109,10 @@ class _Head:
 
 @dataclass(frozen=True, slots=True)
 class _Call:
+    """A Get: its request and what its headers say."""
+
     request: pb.GetRequest
-    metadata: tuple[tuple[str, str], ...]
-    timeout_s: float | None
+    head: _Head
 
 
 #: A call to run (its status when done), or the status refusing it.
@@ -227,7 +228,7 @@ class _GetConnection(H2Connection):
         started = time.perf_counter()
         service = self._listener.service
         try:
-            got = service.get_resident(call.request, service.principal(call.metadata))
+            got = service.get_resident(call.request, service.principal(call.head.metadata))
         except KVStoreError:
             return False
         if got is None:
@@ -322,12 +323,12 @@ class _GetConnection(H2Connection):
         st.body = bytearray()
         if not isinstance(request, pb.GetRequest):
             return INVALID_ARGUMENT, str(request)
-        return _Call(request, head.metadata, head.timeout_s)
+        return _Call(request, head)
 
     async def _call(self, st: Stream, call: _Call) -> tuple[int, str]:
         """Run a Get; its status."""
         request = call.request
-        context: Any = _Context(self.peer, call.metadata)
+        context: Any = _Context(self.peer, call.head.metadata)
 
         async def run() -> None:
             keys_left, chunk_left = len(request.keys), 0
@@ -344,7 +345,7 @@ class _GetConnection(H2Connection):
                     async for extra in replies:
                         raise AssertionError(f"the Get handler went on after the last chunk: {type(extra).__name__}")
 
-        return await _status(run, call.timeout_s)
+        return await _status(run, call.head.timeout_s)
 
     async def _put(self, st: Stream, sink: PutSink, head: _Head) -> tuple[int, str]:
         """Run a Put on the request messages as they arrive; its status."""

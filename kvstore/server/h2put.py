@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.server.frames import DATA_TAG
+from kvstore.server.frames import data_prefix
 from kvstore.v1 import kvstore_pb2 as pb
 
 #: Bytes received and not yet taken by the handler above which the connection stops reading.
@@ -44,21 +44,6 @@ class Unimplemented(KVStoreError):
     """A request this port does not take (a compressed message)."""
 
     status = "UNIMPLEMENTED"
-
-
-def _data_prefix(head: bytes, size: int) -> int | None:
-    """Bytes of tag and varint when ``head`` (a message's first bytes) starts a data
-    field that fills the message of ``size`` bytes exactly; else None."""
-    if not head or head[0] != DATA_TAG:
-        return None
-    n = shift = 0
-    for i in range(1, min(len(head), _HEAD)):
-        b = head[i]
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return i + 1 if i + 1 + n == size else None
-        shift += 7
-    return None
 
 
 class PutSink:
@@ -125,8 +110,8 @@ class PutSink:
                 size = len(self._head) + self._left
                 if len(self._head) < min(_HEAD, size):
                     continue
-                used = _data_prefix(bytes(self._head), size)
-                if used is not None:
+                length, used = data_prefix(self._head)
+                if length is not None and used + length == size:  # one data field filling the message
                     self._data = True
                     if len(self._head) > used or not self._left:  # (an empty one too, as grpcio's port hands it on)
                         self._push(memoryview(bytes(self._head[used:])))

@@ -20,9 +20,9 @@ import yaml
 import kvstore
 from kvstore.client.h2channel import parse_address
 from kvstore.client.h2get import H2GetConnection
-from kvstore.client.h2wire import Target, data_prefix, inline_data_at
+from kvstore.client.h2wire import Target, inline_data_at
 from kvstore.http2 import hpack_int as _hpack_int, literal as _literal
-from kvstore.server.frames import HeaderWithData, _varint, encode
+from kvstore.server.frames import HeaderWithData, _varint, data_prefix, encode
 from kvstore.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, key, raw_put, stub
