@@ -33,6 +33,7 @@ from kvstore.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from kvstore.server.admin import AdminService, admin_handlers
 from kvstore.server.auth import TokenTable
 from kvstore.http2 import ASK_HEADER, PORT_HEADER
+from kvstore.server.h2data import STREAM_RECV_WINDOW
 from kvstore.server.h2get import GetListener
 from kvstore.server.limits import server_options
 from kvstore.server.messages import lenient
@@ -206,6 +207,7 @@ class Daemon:
             listener = GetListener(
                 self.service, self.metrics, host=self.cfg.server.host, port=self.cfg.server.http2_get_port,
                 main_port=self.port, tls=_tls_context(tls), max_streams=self.cfg.server.max_concurrent_streams,
+                stream_window=self.service.limits.stream_window(STREAM_RECV_WINDOW),
             )
             try:
                 await listener.start()

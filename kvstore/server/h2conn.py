@@ -23,8 +23,8 @@ arrives), and what it sends for a call is that one's base,
   (H2Sender's);
 * a streaming call (a Put) starts at its headers instead (:meth:`H2Connection._open`
   sets the stream's sink): its DATA payload is fed to the sink as it arrives,
-  straight from the received bytes, without waiting for whole frames; the sink
-  may stop and restart the connection's reading (:meth:`_pause`, :meth:`_resume`).
+  straight from the received bytes, without waiting for whole frames, and its
+  stream window grows only as the call takes that payload (:meth:`_taken`).
 
 Not implemented: server push, priorities (ignored), HTTP/1.1 (answered 505 and closed).
 """
@@ -65,8 +65,8 @@ SOCKET_BUFFER = 4 << 20
 class H2Connection(H2DataReader, asyncio.Protocol):
     """One client's HTTP/2 connection; see the module docstring."""
 
-    def __init__(self, connections: set[H2Connection], max_streams: int) -> None:
-        super().__init__()
+    def __init__(self, connections: set[H2Connection], max_streams: int, stream_window: int) -> None:
+        super().__init__(stream_window)
         #: The listener's open connections: this one is in it while open.
         self._connections = connections
         self._max_streams = max_streams
@@ -205,7 +205,7 @@ class H2Connection(H2DataReader, asyncio.Protocol):
             settings = struct.pack(
                 ">HIHIHIHI",
                 SETTINGS_MAX_CONCURRENT_STREAMS, self._max_streams,
-                SETTINGS_INITIAL_WINDOW_SIZE, RECV_WINDOW,
+                SETTINGS_INITIAL_WINDOW_SIZE, self.stream_window,
                 SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
                 SETTINGS_MAX_FRAME_SIZE, RECV_FRAME,
             )
@@ -372,7 +372,7 @@ class H2Connection(H2DataReader, asyncio.Protocol):
         if self._going or len(self._streams) >= self._max_streams:
             self._write(frame(RST_STREAM, 0, stream, struct.pack(">I", REFUSED_STREAM)))
             return
-        st = self._streams[stream] = Stream(stream, fields, self._initial)
+        st = self._streams[stream] = Stream(stream, fields, self._initial, self.stream_window)
         self._open(st)
         if flags & END_STREAM:
             self._request_ends(st)

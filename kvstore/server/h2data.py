@@ -3,17 +3,22 @@
 :class:`~kvstore.server.h2conn.H2Connection` between it and what it sends
 (:class:`~kvstore.server.h2send.H2Sender`).
 
-* receive windows: each DATA frame counted against the connection's and its
-  stream's, given back at once in steps of half a window (:data:`RECV_WINDOW`);
-  what bounds the memory a call's request holds is the call's own limit
-  (:data:`MAX_REQUEST`, or a Put's queue, kvstore/server/h2put.py);
+* receive windows: the connection's (:data:`RECV_WINDOW`) given back as DATA
+  arrives, in steps of half of it; a stream's too when its request is gathered
+  whole (what bounds the memory that holds is the call's own limit,
+  :data:`MAX_REQUEST`);
+* a streaming call's (a Put's) stream window is given back only as its handler
+  takes the data (:meth:`H2DataReader._taken`), so what the call holds received
+  and not yet taken is at most that window (the listener's ``stream_window``,
+  :data:`STREAM_RECV_WINDOW` at most), and a call that does not take its data
+  (one waiting for a stream slot) holds back only its own stream: the others on
+  the connection go on.  A client that sends past it gets RST_STREAM
+  (FLOW_CONTROL_ERROR) on that stream;
 * a request gathered whole in its stream's ``body`` until END_STREAM, then
   handed to the connection's ``_start``;
-* a streaming call's payload (a Put: its stream has a ``sink``) fed to the sink
-  as it arrives, straight from the received bytes, without waiting for whole
-  frames (:meth:`H2DataReader._data_begins`, :meth:`H2DataReader._feed`), and
-  the connection's reading stopped while the sink's queue is full
-  (:meth:`H2DataReader._pause`, :meth:`H2DataReader._resume`);
+* a streaming call's payload fed to the sink as it arrives, straight from the
+  received bytes, without waiting for whole frames (:meth:`H2DataReader._data_begins`,
+  :meth:`H2DataReader._feed`);
 * DATA on a stream already answered or reset is ignored;
 * what the streams of one connection hold gathered is bounded
   (:data:`MAX_BUFFERED`): the connection is closed past it.
@@ -24,15 +29,17 @@ from __future__ import annotations
 import struct
 
 from kvstore.http2 import (
-    END_STREAM, ENHANCE_YOUR_CALM, MIN_FRAME, NO_ERROR, PADDED, PROTOCOL_ERROR, RST_STREAM, STREAM_CLOSED,
-    WINDOW_UPDATE, frame,
+    END_STREAM, ENHANCE_YOUR_CALM, FLOW_CONTROL_ERROR, MIN_FRAME, NO_ERROR, PADDED, PROTOCOL_ERROR, RST_STREAM,
+    STREAM_CLOSED, WINDOW_UPDATE, frame,
 )
 from kvstore.server.h2send import RESOURCE_EXHAUSTED, H2Sender, Stream
 
-#: Receive window given to each stream and to the connection, given back as it is
-#: received: a Put's data flows without waiting for it (what bounds the memory a
-#: call's request holds is its own limit: MAX_REQUEST, or a Put's queue, h2put.py).
+#: The connection's receive window, given back as DATA is received.
 RECV_WINDOW = 16 << 20
+#: The largest receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE): what a
+#: Put holds received and not yet taken by its handler.  The listener may announce
+#: less (a daemon with a memory bound: what it charges each Put stream).
+STREAM_RECV_WINDOW = 8 << 20
 #: SETTINGS_MAX_FRAME_SIZE we announce: a Put's data comes in few frames.
 RECV_FRAME = 1 << 20
 #: Largest request message accepted; larger: RESOURCE_EXHAUSTED.
@@ -56,13 +63,16 @@ class H2DataReader(H2Sender):
 
     _last_stream: int
 
-    def __init__(self) -> None:
+    def __init__(self, stream_window: int = STREAM_RECV_WINDOW) -> None:
         super().__init__()
+        if not 1 << 16 <= stream_window <= STREAM_RECV_WINDOW:
+            raise ValueError(f"stream_window {stream_window}: expected 64 KiB to {STREAM_RECV_WINDOW} bytes")
+        #: Each stream's receive window (announced as SETTINGS_INITIAL_WINDOW_SIZE).
+        self.stream_window = stream_window
         self._received = 0  # connection: bytes received and not yet given back
         #: Inside a DATA frame of a streaming call, read as it arrives: (stream, payload bytes
         #: still to come, whether the frame ends the stream).
         self._inside: tuple[Stream, int, bool] | None = None
-        self._pausing: set[int] = set()  # streams whose queue is full: reading stopped
 
     def _start(self, st: Stream) -> None:
         raise NotImplementedError
@@ -87,18 +97,34 @@ class H2DataReader(H2Sender):
         return self._streams.get(stream)
 
     def _stream_window(self, st: Stream, length: int) -> None:
+        """``length`` bytes of ``st`` are done with: give its window back in steps of half of it."""
         st.unacked += length
-        if st.unacked >= RECV_WINDOW // 2:
+        if st.unacked >= self.stream_window // 2:
+            st.recv_left += st.unacked
             self._write(frame(WINDOW_UPDATE, 0, st.id, struct.pack(">I", st.unacked)))
             st.unacked = 0
+
+    def _taken(self, st: Stream, length: int) -> None:
+        """A streaming call's handler took (or never needed) ``length`` bytes of its
+        request: its stream window grows by them, while the request goes on."""
+        if self._streams.get(st.id) is st and st.sink is not None and not st.sink.ended and not self._closed:
+            self._stream_window(st, length)
+
+    def _within_window(self, st: Stream, length: int) -> bool:
+        """Count ``length`` bytes against a streaming call's window; past it (the client
+        ignored the window) the stream is reset with FLOW_CONTROL_ERROR and False."""
+        if length > st.recv_left:
+            self._reset(st, FLOW_CONTROL_ERROR)
+            return False
+        st.recv_left -= length
+        return True
 
     def _data_begins(self, flags: int, stream: int, length: int) -> None:
         """A DATA frame of a streaming call begins: its payload is fed to the call's
         sink as it arrives (:meth:`_feed`)."""
         st = self._data_received(stream, length)
         assert st is not None and st.sink is not None  # _streaming(stream)
-        if not flags & END_STREAM:
-            self._stream_window(st, length)
+        self._within_window(st, length)  # if not, _feed skips the frame: the stream is gone
         self._inside = (st, length, bool(flags & END_STREAM))
         if length == 0:
             self._feed(memoryview(b""))
@@ -113,21 +139,9 @@ class H2DataReader(H2Sender):
             st.sink.feed(piece[:k])
         left -= k
         self._inside = (st, left, ends) if left else None
-        if not left and ends and st.sink is not None:
+        if not left and ends and st.sink is not None and self._streams.get(st.id) is st:
             st.sink.end()
         return k
-
-    def _pause(self, stream: int) -> None:
-        """A streaming call's queue is full: stop reading until it drains (h2put.py)."""
-        if not self._pausing and self._transport is not None and not self._closed:
-            self._transport.pause_reading()
-        self._pausing.add(stream)
-
-    def _resume(self, stream: int) -> None:
-        if stream in self._pausing:
-            self._pausing.discard(stream)
-            if not self._pausing and self._transport is not None and not self._closed:
-                self._transport.resume_reading()
 
     def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
         st = self._data_received(stream, len(payload))
@@ -142,11 +156,12 @@ class H2DataReader(H2Sender):
                 raise ProtocolError(PROTOCOL_ERROR, "DATA padding longer than the frame")
             start, end = 1, end - payload[0]
         if st.sink is not None:  # a padded frame of a streaming call, read whole
+            if not self._within_window(st, len(payload)):
+                return
+            self._taken(st, len(payload) - (end - start))  # the padding
             st.sink.feed(memoryview(payload)[start:end])
             if flags & END_STREAM:
                 st.sink.end()
-            else:
-                self._stream_window(st, len(payload))
             return
         st.body += payload[start:end]
         if len(st.body) > MAX_REQUEST + 5:

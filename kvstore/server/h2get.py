@@ -59,6 +59,7 @@ from kvstore.http2 import (
 from kvstore.metrics import Metrics
 from kvstore.server import frames
 from kvstore.server.h2conn import LINGER_S, H2Connection
+from kvstore.server.h2data import STREAM_RECV_WINDOW
 from kvstore.server.h2put import PutSink
 from kvstore.server.h2send import (
     DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK, OK_TRAILERS, REPLY_HEADERS, UNIMPLEMENTED, Stream,
@@ -147,12 +148,15 @@ class GetListener:
         main_port: int,
         tls: ssl.SSLContext | None = None,
         max_streams: int = 256,
+        stream_window: int = STREAM_RECV_WINDOW,
     ) -> None:
         self.service = service
         self.metrics = metrics
         self._host, self._port, self.main_port = host, port, main_port
         self._tls = tls
         self.max_streams = max_streams
+        #: Each stream's receive window: what a Put holds received and not yet taken (h2data.py).
+        self.stream_window = stream_window
         self._server: asyncio.Server | None = None
         self.connections: set[H2Connection] = set()
         self.port = 0
@@ -200,14 +204,14 @@ class _GetConnection(H2Connection):
     """A connection of the Get listener: each complete request is a Get call."""
 
     def __init__(self, listener: GetListener) -> None:
-        super().__init__(listener.connections, listener.max_streams)
+        super().__init__(listener.connections, listener.max_streams, listener.stream_window)
         self._listener = listener
 
     def _open(self, st: Stream) -> None:
         """A Put starts at its headers: its messages are read as they arrive (h2put.py)."""
         if dict(st.fields).get(":path") != PUT_PATH:
             return
-        sink = st.sink = PutSink(lambda: self._pause(st.id), lambda: self._resume(st.id))
+        sink = st.sink = PutSink(functools.partial(self._taken, st), self.stream_window)
         head = self._head(st, PUT_PATH)
         run: _Run = head if isinstance(head, tuple) else functools.partial(self._put, st, sink, head)
         st.task = asyncio.get_running_loop().create_task(self._serve(st, "KVStore/Put", run))

@@ -14,9 +14,11 @@ gathered and parsed whole.  The handler is
 checks, stream limits, checksums, quotas and metrics are those of the gRPC
 port, and a stream cut off stores nothing of its unfinished chunk.
 
-Backpressure: a call's queue holds at most :data:`QUEUE_HIGH` bytes not yet
-taken by the handler; past it the connection stops reading (the client's
-sends then wait on TCP) until the handler has taken half of it.
+Backpressure is HTTP/2's own: the sink tells the connection what the handler
+took (``taken``), and only that grows the stream's receive window
+(kvstore/server/h2data.py), so a call's queue holds at most that window, and a
+call that does not take its data (one waiting for a stream slot) holds back its
+own stream, not the connection's other calls.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server.frames import data_prefix
 from kvstore.v1 import kvstore_pb2 as pb
 
-#: Bytes received and not yet taken by the handler above which the connection stops reading.
-QUEUE_HIGH = 8 << 20
-#: Data bytes queued that wake the handler before their message is complete.
+#: Data bytes queued that wake the handler before their message is complete (at most
+#: half the stream's window: a client whose window is spent waits for the handler).
 WAKE_DATA = 2 << 20
 #: Largest request message that is not a data frame (a PutFrame header is a few hundred bytes).
 MAX_OTHER_MESSAGE = 1 << 20
@@ -50,16 +51,18 @@ class PutSink:
     """One Put stream's request messages, parsed from its DATA payload as it arrives
     (:meth:`feed`, :meth:`end`) and taken by the handler (:meth:`messages`).
 
-    ``pause`` and ``resume`` stop and restart the connection's reading (see the
-    module docstring).  Pieces fed must not change afterwards (``bytes``, or views
-    of them): data is queued as views, not copied."""
+    ``taken(n)`` is told each byte fed once it is done with: a data message's
+    when the handler takes it, the rest (length prefixes, headers, a malformed
+    stream's) as it is fed; ``window`` is the stream's receive window (see the
+    module docstring).  Pieces fed must not change afterwards (``bytes``, or
+    views of them): data is queued as views, not copied."""
 
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self._pause, self._resume = pause, resume
+    def __init__(self, taken: Callable[[int], None], window: int) -> None:
+        self._taken = taken
+        self._wake = min(WAKE_DATA, window // 2)
         self._queue: deque[pb.PutFrame | memoryview | KVStoreError] = deque()
         self._ready = asyncio.Event()
         self._queued = 0  # data bytes in the queue
-        self._paused = False
         self._ended = False  # END_STREAM seen (or the call is over)
         self._failed = False  # a malformed message: what follows is dropped
         # The message being parsed.
@@ -72,6 +75,14 @@ class PutSink:
     # -- the connection's side ---------------------------------------------------------
     def feed(self, piece: memoryview) -> None:
         """DATA payload bytes of the stream, in order."""
+        fed, queued = len(piece), self._queued
+        try:
+            self._parse(piece)
+        finally:
+            if fed - (self._queued - queued):
+                self._taken(fed - (self._queued - queued))
+
+    def _parse(self, piece: memoryview) -> None:
         while piece and not self._failed and not self._ended:
             if self._left < 0:
                 k = min(5 - len(self._prefix), len(piece))
@@ -141,7 +152,6 @@ class PutSink:
         self._ended = True
         self._queue.clear()
         self._queued = 0
-        self._set_paused(False)
         self._ready.set()
 
     @property
@@ -160,8 +170,7 @@ class PutSink:
                     raise item
                 if isinstance(item, memoryview):
                     self._queued -= len(item)
-                    if self._paused and self._queued <= QUEUE_HIGH // 2:
-                        self._set_paused(False)
+                    self._taken(len(item))
                 yield item
             if self._ended:
                 return
@@ -173,11 +182,9 @@ class PutSink:
         self._queue.append(item)
         if isinstance(item, memoryview):
             self._queued += len(item)
-            if self._queued > QUEUE_HIGH:
-                self._set_paused(True)
             # Data wakes the handler once there is a batch of it (each wake-up is a turn of
             # the event loop), or when its message is complete (see feed).
-            if self._queued < WAKE_DATA:
+            if self._queued < self._wake:
                 return
         self._ready.set()
 
@@ -190,8 +197,3 @@ class PutSink:
     def _fail(self, exc: KVStoreError) -> None:
         self._failed = True
         self._push(exc)
-
-    def _set_paused(self, paused: bool) -> None:
-        if paused != self._paused:
-            self._paused = paused
-            (self._pause if paused else self._resume)()

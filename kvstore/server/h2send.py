@@ -44,14 +44,17 @@ OK_TRAILERS = literal("grpc-status", "0")
 class Stream:
     """One stream's state: its request as it arrives, and what was sent on it."""
 
-    __slots__ = ("id", "fields", "body", "window", "unacked", "task", "replying", "ended", "partial", "sink")
+    __slots__ = (
+        "id", "fields", "body", "window", "recv_left", "unacked", "task", "replying", "ended", "partial", "sink",
+    )
 
-    def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int) -> None:
+    def __init__(self, stream_id: int, fields: list[tuple[str, str]], window: int, recv_window: int) -> None:
         self.id = stream_id
         self.fields = fields
         self.body = bytearray()
         self.window = window  # bytes we may still send on it
-        self.unacked = 0  # bytes received and not yet given back
+        self.recv_left = recv_window  # bytes the client may still send on it (a streaming call's)
+        self.unacked = 0  # bytes received (a streaming call's: taken by its handler) and not yet given back
         self.task: asyncio.Task[None] | None = None
         self.replying = False  # response headers sent
         self.ended = False  # trailers sent

@@ -163,6 +163,12 @@ class Limits:
         self.quotas = TenantQuotas(config, store, self.refused)
 
     # -- streams ---------------------------------------------------------------
+    def stream_window(self, most: int) -> int:
+        """The receive window of a Put stream on the HTTP/2 listener (what it holds
+        received and not yet taken): ``most``, or with a memory bound what each Put
+        stream is charged if that is less (:attr:`stream_allowance`)."""
+        return min(most, self.stream_allowance) if self.config.max_memory_bytes else most
+
     @property
     def streams(self) -> int:
         """Streams open now."""

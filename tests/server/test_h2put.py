@@ -5,11 +5,13 @@ parser (:class:`~kvstore.server.h2put.PutSink`) on its own.
 Clients of the listener here: grpcio (``stub(lch).Put``) and the bare HTTP/2
 client of tests/server/test_h2get.py (:class:`H2`), which sends the request's
 DATA frames cut where the test says.  Covered: byte-exact puts of several
-sizes (past the 16 MiB windows and the 8 MiB queue), read back on both ports;
+sizes (past the 16 MiB connection window and the 8 MiB stream windows), read back on both ports;
 requests in odd pieces (a message prefix or a data message across DATA frames,
 padding, one frame for all, byte-sized frames, trailers, bytes dribbled through
 the socket); puts and gets interleaved on one connection; receive windows given
-back; streams cut off (RST_STREAM, the socket closed or half-closed) store
+back (a Put's stream window as its handler takes the data, so a Put waiting for a
+stream slot holds back only its own stream; past it, FLOW_CONTROL_ERROR; a memory
+bound narrows it); streams cut off (RST_STREAM, the socket closed or half-closed) store
 nothing of their unfinished chunk and give their buffer back; SIGTERM during a
 put; statuses (bad checksum, a chunk over max_chunk_bytes, a bad key: answered
 while the client still sends, then RST_STREAM(NO_ERROR); compressed,
@@ -32,13 +34,18 @@ from pathlib import Path
 import grpc
 import pytest
 
+import kvstore
+
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.http2 import (
-    CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, GOAWAY, HEADERS, MAX_WINDOW, NO_ERROR, PADDED, PUT_PATH,
-    REFUSED_STREAM, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame, frame_header, grpc_timeout, literal,
+    ACK, CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, GOAWAY, HEADERS, MAX_WINDOW,
+    NO_ERROR, PADDED, PUT_PATH, REFUSED_STREAM, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE, WINDOW_UPDATE,
+    frame, frame_header, grpc_timeout, literal,
 )
 from kvstore.server.h2conn import RECV_FRAME, RECV_WINDOW
-from kvstore.server.h2put import MAX_OTHER_MESSAGE, QUEUE_HIGH, PutSink, Unimplemented
+from kvstore.server.h2data import STREAM_RECV_WINDOW
+from kvstore.server.h2put import MAX_OTHER_MESSAGE, PutSink, Unimplemented
+from kvstore.server.limits import stream_allowance
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, bearer, blob, channel, header, key, put_frames, raw_get, raw_put, rpc_error, stub
 from tests.server import test_auth_tls as auth_tls
@@ -200,8 +207,8 @@ def wait_counted(s: Served, before: dict[str, float], **more: float) -> dict[str
         (1020, [MiB + 3], MiB),
         (1030, [MiB + 3], 64 << 10),
         (1040, [5 * MiB], MiB),
-        (1050, [20 * MiB + 7], MiB),  # past the 16 MiB windows and the 8 MiB queue
-        (1060, [20 * MiB + 7], 20 * MiB + 7),  # one message over all of them: reading paused and resumed inside it
+        (1050, [20 * MiB + 7], MiB),  # past the 16 MiB connection window and the 8 MiB stream window
+        (1060, [20 * MiB + 7], 20 * MiB + 7),  # one message over all of them: the window given back inside it
         (1070, [5 * MiB, 17, MiB + 1, 0, 2 * MiB], 3 * MiB + 5),  # several chunks
     ],
     ids=["1", "0-3-4095", "1MiB+3", "1MiB+3-in-64KiB", "5MiB", "20MiB", "20MiB-one-message", "five-chunks"],
@@ -835,19 +842,13 @@ def _pieces(stream: bytes, rng: random.Random | None) -> list[memoryview]:
 
 
 class Calls:
-    """Counts of the sink's pause and resume calls."""
+    """What a sink said it was done with (its ``taken`` calls)."""
 
     def __init__(self) -> None:
-        self.pauses = self.resumes = 0
+        self.taken: list[int] = []
 
-    def sink(self) -> PutSink:
-        def pause() -> None:
-            self.pauses += 1
-
-        def resume() -> None:
-            self.resumes += 1
-
-        return PutSink(pause, resume)
+    def sink(self, window: int = STREAM_RECV_WINDOW) -> PutSink:
+        return PutSink(self.taken.append, window)
 
 
 async def _drain(sink: PutSink) -> list[pb.PutFrame | memoryview]:
@@ -901,63 +902,67 @@ def test_sink_data_are_views_of_the_fed_bytes() -> None:
     assert shared >= len(payload) - 11, [(len(v), v.obj is stream) for v in views]
 
 
-def test_sink_pauses_above_its_queue_and_resumes_at_half() -> None:
-    """Fed more than QUEUE_HIGH data bytes, the sink calls ``pause`` once; taking them
-    calls ``resume`` once the queue is down to half of it; again on the next fill; a
-    closed sink lets the connection read again."""
-    piece = MiB
-    total = 3 * QUEUE_HIGH
-    payload = blob(5, total)
+def test_sink_tells_what_it_is_done_with() -> None:
+    """What is not a data message's bytes (prefixes, the header message, tag and varint)
+    is told as it is fed; data bytes only as the handler takes them; in all, every
+    byte fed, once.  A closed sink tells nothing more."""
+    payload = blob(5, 3 * MiB)
     head = pmsg(header(pk(5), payload))
     msg = data_msg(payload)
     stream = head + msg
-    prefix = len(head) + (len(msg) - total)  # bytes before the data: header message, prefix, tag, varint
+    overhead = len(stream) - len(payload)
 
     async def run() -> None:
         calls = Calls()
         sink = calls.sink()
-        view, at = memoryview(stream), 0
-
-        def feed_to(end: int) -> None:
-            nonlocal at
-            while at < end:
-                sink.feed(view[at : min(end, at + piece)])
-                at = min(end, at + piece)
-                queued = at - prefix - taken
-                assert calls.pauses == pauses + (1 if queued > QUEUE_HIGH else 0), (at, queued, calls.pauses)
-
-        taken, pauses = 0, 0
-        feed_to(prefix + QUEUE_HIGH + 2 * piece)
-        assert calls.pauses == 1 and calls.resumes == 0
-        got = sink.messages()
-        assert isinstance(await anext(got), pb.PutFrame)
-        while calls.resumes == 0:
-            item = await anext(got)
-            assert isinstance(item, memoryview)
-            taken += len(item)
-            queued = at - prefix - taken
-            assert (calls.resumes == 1) == (queued <= QUEUE_HIGH // 2), (queued, calls.resumes)
-        assert calls.pauses == 1
-        pauses = 1
-        feed_to(len(stream))  # fills again: paused a second time
-        assert calls.pauses == 2 and calls.resumes == 1
+        view = memoryview(stream)
+        for at in range(0, len(stream), 100_000):
+            sink.feed(view[at : at + 100_000])
+        # Fed whole, nothing taken yet: only the bytes around the data are done with.
+        assert sum(calls.taken) == overhead, (sum(calls.taken), overhead)
         sink.end()
+        got, taken = sink.messages(), 0
+        assert isinstance(await anext(got), pb.PutFrame)
         async for item in got:
             assert isinstance(item, memoryview)
             taken += len(item)
-        assert taken == total and calls.pauses == calls.resumes == 2
+            assert sum(calls.taken) == overhead + taken
+        assert taken == len(payload) and sum(calls.taken) == len(stream)
 
-        # Closed while paused: reading resumes, nothing more comes out.
         calls = Calls()
         sink = calls.sink()
-        sink.feed(memoryview(stream[: prefix + QUEUE_HIGH + 1]))
-        assert (calls.pauses, calls.resumes) == (1, 0)
+        sink.feed(view[: len(head) + MiB])
+        told = sum(calls.taken)
         sink.close()
-        assert (calls.pauses, calls.resumes) == (1, 1)
-        assert await _drain(sink) == []
-        assert sink.ended
+        assert await _drain(sink) == [] and sink.ended
+        sink.feed(view[len(head) + MiB :])
+        assert sum(calls.taken) - told == len(stream) - len(head) - MiB  # dropped: done with at once
 
     asyncio.run(run())
+
+
+def test_sink_wakes_its_handler_within_half_its_window() -> None:
+    """With a small window, data queued up to half of it wakes the handler before its
+    message is complete: a client whose window is spent is never left waiting on a
+    handler that sleeps."""
+    window = 256 << 10
+    payload = blob(6, MiB)
+    stream = pmsg(header(pk(6), payload)) + data_msg(payload)
+
+    async def run() -> int:
+        sink = Calls().sink(window)
+        got = sink.messages()
+        first = asyncio.ensure_future(anext(got))
+        sink.feed(memoryview(stream[:1000]))  # the header message
+        assert isinstance(await first, pb.PutFrame)
+        nxt = asyncio.ensure_future(anext(got))
+        fed = 1000 + window // 2 + 20
+        sink.feed(memoryview(stream[1000:fed]))
+        item = await asyncio.wait_for(nxt, 5)
+        assert isinstance(item, memoryview)
+        return len(item)
+
+    assert asyncio.run(run()) > 0
 
 
 @pytest.mark.parametrize(
@@ -1057,6 +1062,8 @@ class WindowedH2(H2):
 
     def __init__(self, port: int) -> None:
         self.granted: dict[int, int] = {}
+        self.initial = -1  # the daemon's SETTINGS_INITIAL_WINDOW_SIZE, once read
+        self.sent: dict[int, int] = {}  # DATA payload bytes sent per stream (0: the connection)
         super().__init__(port)
 
     def __enter__(self) -> WindowedH2:
@@ -1066,28 +1073,163 @@ class WindowedH2(H2):
         super()._handle(kind, flags, stream, payload)
         if kind == WINDOW_UPDATE:
             self.granted[stream] = self.granted.get(stream, 0) + (int.from_bytes(payload, "big") & MAX_WINDOW)
+        elif kind == SETTINGS and not flags & ACK:
+            for i in range(0, len(payload), 6):
+                ident, value = struct.unpack(">HI", payload[i : i + 6])
+                if ident == SETTINGS_INITIAL_WINDOW_SIZE:
+                    self.initial = value
+
+    def ready(self) -> None:
+        """Read the daemon's SETTINGS and its connection WINDOW_UPDATE."""
+        self.pump(lambda: self.initial >= 0 and 0 in self.granted)
+
+    def left(self, stream: int) -> int:
+        """What the windows let this client send on ``stream`` now."""
+        conn = DEFAULT_WINDOW + self.granted.get(0, 0) - self.sent.get(0, 0)
+        return min(conn, self.initial + self.granted.get(stream, 0) - self.sent.get(stream, 0))
+
+    def send_data(self, stream: int, payload: bytes, *, end: bool = False) -> None:
+        """One DATA frame, counted against the windows (whether they allow it or not)."""
+        self.send(frame(DATA, END_STREAM if end else 0, stream, payload))
+        for n in (0, stream):
+            self.sent[n] = self.sent.get(n, 0) + len(payload)
+
+    def send_within(self, stream: int, body: bytes, *, end: bool = False, wait: bool = True) -> int:
+        """``body`` in DATA frames as the windows allow, reading WINDOW_UPDATEs while they
+        are spent (``wait``) or stopping there; how many bytes were sent."""
+        at = 0
+        while at < len(body):
+            n = min(RECV_FRAME, len(body) - at, self.left(stream))
+            if n <= 0:
+                if not wait:
+                    return at
+                assert self.read_frame() is not None, "the daemon closed the connection"
+                continue
+            self.send_data(stream, body[at : at + n], end=end and at + n == len(body))
+            at += n
+        return at
 
 
 def test_windows_are_given_back_for_put_data(checked: Served) -> None:
-    """The daemon gives its receive windows back as a Put's data arrives: a bare client
-    that sends only within the windows it was given puts more than RECV_WINDOW."""
+    """The daemon gives its receive windows back as a Put's data arrives (the stream's as
+    the handler takes it): a bare client that sends only within the windows it was
+    given puts more than either window."""
     value = blob(12_000, RECV_WINDOW + 3 * MiB)
     body = put_body([(pk(12_000), value)], frame_bytes=4 * MiB)
     with WindowedH2(checked.port) as h:
-        # The daemon's SETTINGS (RECV_WINDOW per stream) and its connection WINDOW_UPDATE first.
-        h.pump(lambda: any(kind == SETTINGS for kind, _, _ in h.events) and 0 in h.granted)
+        h.ready()
+        assert h.initial == STREAM_RECV_WINDOW
         open_put(h, 1)
-        at = 0
-        while at < len(body):
-            conn_left = DEFAULT_WINDOW + h.granted[0] - at
-            stream_left = RECV_WINDOW + h.granted.get(1, 0) - at
-            n = min(RECV_FRAME, len(body) - at, conn_left, stream_left)
-            if n <= 0:
-                assert h.read_frame() is not None, "the daemon closed the connection"
-                continue
-            h.send(frame(DATA, 0, 1, body[at : at + n]))
-            at += n
+        h.send_within(1, body)
         assert h.granted.get(1, 0) > 0
         h.send(frame(DATA, END_STREAM, 1))
         assert_put(h.finish(1), [pk(12_000)])
     assert both_ports(checked, [pk(12_000)]) == [value]
+
+
+def _slots(tmp_path: Path, slots: int) -> DaemonProcess:
+    """A daemon with ``slots`` streams in all (on the listener, per connection too); a
+    stream past them waits for one (up to 60 s)."""
+    return DaemonProcess(tmp_path, cpu_only("256MiB", max_concurrent_streams=slots, limits={"stream_wait_s": 60}))
+
+
+def _listener(d: DaemonProcess) -> int:
+    port = discover(d.address)
+    assert port is not None
+    return port
+
+
+def _hold(h: WindowedH2, stream: int, k: str, value: bytes) -> bytes:
+    """Open a Put of ``value`` on ``stream`` and send its header and first 64 KiB; the rest."""
+    body = put_body([(k, value)])
+    h.ready()
+    open_put(h, stream)
+    h.send_data(stream, body[: 64 << 10])
+    return body[64 << 10 :]
+
+
+def test_a_put_waiting_for_a_slot_holds_back_only_its_own_stream(tmp_path: Path) -> None:
+    """Every stream slot taken (two Puts, one on each connection); a third Put, on the
+    second connection, waits for one and its client sends all its window allows.  The
+    other Put on that connection still finishes at once (its data is read: only the
+    waiting stream's window is spent); then the waiting Put gets its slot, its window
+    back as its handler takes the data, and finishes.  (When a waiting Put could hold a
+    queue past which the connection stopped reading, the other Put waited for the
+    waiting one's 60 s to run out.)"""
+    a, b, c = blob(13_000, 2 * MiB), blob(13_001, 3 * MiB), blob(13_002, 12 * MiB)
+    with _slots(tmp_path / "d", 2) as d:
+        port = _listener(d)
+        with WindowedH2(port) as x, WindowedH2(port) as y:
+            rest_a = _hold(x, 1, pk(13_000), a)
+            rest_b = _hold(y, 1, pk(13_001), b)
+            x.ping()
+            y.ping()
+            time.sleep(0.3)  # both handlers started and took their slots
+            body_c = put_body([(pk(13_002), c)], frame_bytes=4 * MiB)
+            open_put(y, 3)
+            sent = y.send_within(3, body_c, wait=False)
+            assert sent == y.initial == STREAM_RECV_WINDOW  # a window's worth, not all 12 MiB
+            y.ping()
+            started = time.monotonic()
+            y.send_within(1, rest_b, end=True)
+            assert_put(y.finish(1, timeout=10), [pk(13_001)])
+            assert time.monotonic() - started < 10
+            y.send_within(3, body_c[sent:], end=True)  # stream 1's slot went to it: its window grows
+            assert_put(y.finish(3), [pk(13_002)])
+            x.send_within(1, rest_a, end=True)
+            assert_put(x.finish(1), [pk(13_000)])
+        with channel(d.address) as ch:
+            assert raw_get(stub(ch), [pk(13_000), pk(13_001), pk(13_002)]) == [a, b, c]
+        assert "Traceback" not in d.log()
+
+
+def test_data_past_a_put_streams_window_resets_that_stream_only(tmp_path: Path) -> None:
+    """A client that sends a waiting Put more than its stream window gets RST_STREAM
+    (FLOW_CONTROL_ERROR) on that stream; nothing of it is stored, and the connection
+    and the daemon go on serving."""
+    a, c = blob(14_000, MiB), blob(14_001, 10 * MiB)
+    with _slots(tmp_path / "d", 1) as d:
+        port = _listener(d)
+        with WindowedH2(port) as x, WindowedH2(port) as y:
+            rest_a = _hold(x, 1, pk(14_000), a)
+            x.ping()
+            time.sleep(0.3)  # its handler started and took the slot
+            body_c = put_body([(pk(14_001), c)])
+            y.ready()
+            assert y.initial == STREAM_RECV_WINDOW
+            r = open_put(y, 1)
+            for at in range(0, STREAM_RECV_WINDOW + MiB, MiB):  # a MiB past the window
+                y.send_data(1, body_c[at : at + MiB])
+            y.pump(lambda: r.reset is not None)
+            assert r.reset == FLOW_CONTROL_ERROR and not r.ended
+            x.send_within(1, rest_a, end=True)
+            assert_put(x.finish(1), [pk(14_000)])
+            open_put(y, 3)  # the connection goes on
+            y.send_within(3, put_body([(pk(14_002), b"ok")]), end=True)
+            assert_put(y.finish(3), [pk(14_002)])
+        with channel(d.address) as ch:
+            assert raw_get(stub(ch), [pk(14_000), pk(14_001), pk(14_002)]) == [a, None, b"ok"]
+        assert "Traceback" not in d.log()
+
+
+def test_a_memory_bound_narrows_the_put_window(tmp_path: Path) -> None:
+    """With server.limits.max_memory set, each stream's window is what the daemon charges
+    each Put stream (its transport allowance: 64 KiB and two messages of
+    server.frame_bytes, with slack), and puts larger than it still go through."""
+    want = stream_allowance(MiB)
+    assert want < STREAM_RECV_WINDOW
+    value = blob(15_000, 6 * MiB + 5)
+    config = cpu_only("256MiB", frame_bytes=MiB, limits={"max_memory": "1GiB"})
+    with DaemonProcess(tmp_path / "d", config) as d:
+        with WindowedH2(_listener(d)) as h:
+            h.ready()
+            assert h.initial == want
+            open_put(h, 1)
+            h.send_within(1, put_body([(pk(15_000), value)]), end=True)
+            assert_put(h.finish(1), [pk(15_000)])
+            assert h.granted.get(1, 0) >= len(value) - want
+        with kvstore.Client(d.address, shm=False) as cl:  # the sync client keeps to it as well
+            cl.put(pk(15_001), value)
+            assert cl.http2_puts == 1
+            assert cl.get_bytes(pk(15_001)) == value
+            assert cl.get_bytes(pk(15_000)) == value
