@@ -148,6 +148,9 @@ class H2Connection(H2DataReader, asyncio.Protocol):
             self.close()
 
     # -- control ---------------------------------------------------------------------
+    def _others_gathered(self) -> int:
+        return sum(conn.gathered() for conn in self._connections if conn is not self)
+
     def tasks(self) -> list[asyncio.Task[None]]:
         return [st.task for st in self._streams.values() if st.task is not None]
 
@@ -187,7 +190,6 @@ class H2Connection(H2DataReader, asyncio.Protocol):
     def _close_if_idle(self) -> None:
         if (self._going or self._peer_going) and not self._streams:
             self.close()
-
 
     # -- reading frames ----------------------------------------------------------------
     def _parse(self) -> None:

@@ -21,7 +21,8 @@
   :meth:`H2DataReader._feed`);
 * DATA on a stream already answered or reset is ignored;
 * what the streams of one connection hold gathered is bounded
-  (:data:`MAX_BUFFERED`): the connection is closed past it.
+  (:data:`MAX_BUFFERED`), and what those of all the listener's connections do
+  (:data:`MAX_GATHERED`): the connection that goes past either is closed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ MAX_REQUEST = 16 << 20
 #: Request bytes all the streams of one connection may hold gathered before their requests
 #: end (a Get's is tens of bytes a key); more closes the connection (GOAWAY ENHANCE_YOUR_CALM).
 MAX_BUFFERED = 2 * MAX_REQUEST
+#: The same over all the connections of one listener: many connections, each under
+#: MAX_BUFFERED, would otherwise hold any amount before a request is checked.
+MAX_GATHERED = 4 * MAX_BUFFERED
 
 
 class ProtocolError(Exception):
@@ -79,6 +83,28 @@ class H2DataReader(H2Sender):
 
     def _reset(self, st: Stream, code: int) -> None:
         raise NotImplementedError
+
+    def _others_gathered(self) -> int:
+        """Request bytes the listener's other connections hold gathered."""
+        raise NotImplementedError
+
+    def gathered(self) -> int:
+        """Request bytes this connection's streams hold gathered (before their requests end)."""
+        return sum(len(st.body) for st in self._streams.values())
+
+    def _bound_gathered(self) -> None:
+        """Close the connection (GOAWAY ENHANCE_YOUR_CALM) past MAX_BUFFERED or MAX_GATHERED."""
+        mine = self.gathered()
+        if mine > MAX_BUFFERED:
+            raise ProtocolError(
+                ENHANCE_YOUR_CALM, f"over {MAX_BUFFERED} bytes of unfinished requests on one connection; finish them first"
+            )
+        if mine + self._others_gathered() > MAX_GATHERED:
+            raise ProtocolError(
+                ENHANCE_YOUR_CALM,
+                f"over {MAX_GATHERED} bytes of unfinished requests on all the connections to this port; "
+                "finish them first",
+            )
 
     def _streaming(self, stream: int) -> bool:
         st = self._streams.get(stream)
@@ -168,10 +194,8 @@ class H2DataReader(H2Sender):
             self._end(st, RESOURCE_EXHAUSTED, f"request message over {MAX_REQUEST} bytes")
             self._reset(st, NO_ERROR)
             return
-        if len(st.body) > MIN_FRAME and sum(len(other.body) for other in self._streams.values()) > MAX_BUFFERED:
-            raise ProtocolError(
-                ENHANCE_YOUR_CALM, f"over {MAX_BUFFERED} bytes of unfinished requests on one connection; finish them first"
-            )
+        if len(st.body) > MIN_FRAME:  # (a Get's request is tens of bytes a key)
+            self._bound_gathered()
         if flags & END_STREAM:
             self._start(st)
             return

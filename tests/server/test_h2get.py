@@ -45,7 +45,7 @@ from kvstore.http2 import (
     grpc_timeout, literal, parse_frame_header,
 )
 from kvstore.server.h2conn import RECV_FRAME
-from kvstore.server.h2data import MAX_BUFFERED, MAX_REQUEST
+from kvstore.server.h2data import MAX_BUFFERED, MAX_GATHERED, MAX_REQUEST
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
@@ -777,6 +777,46 @@ def test_unfinished_requests_on_one_connection_are_bounded(after_check: Served) 
         h.until_closed()
         assert h.goaway is not None and h.goaway[1] == ENHANCE_YOUR_CALM, h.goaway
         assert sent > MAX_BUFFERED
+    assert_still_serves(after_check)
+
+
+def test_unfinished_requests_on_all_connections_are_bounded(after_check: Served) -> None:
+    """Connections each under MAX_BUFFERED of unfinished Get requests may hold at most
+    MAX_GATHERED together: the one that goes past it gets GOAWAY ENHANCE_YOUR_CALM
+    and is closed; the others stay open, and their requests, once ended, are served."""
+    piece = bytes(RECV_FRAME)
+    per_stream = MAX_REQUEST // RECV_FRAME - 2  # frames: under MAX_REQUEST a stream, MAX_BUFFERED a connection
+    held: list[H2] = []
+    try:
+        sent = 0
+        while True:
+            h = H2(after_check.port)
+            held.append(h)
+            for stream in (1, 3):
+                h.send(frame(HEADERS, END_HEADERS, stream, header_block()))
+                for _ in range(per_stream):
+                    h.send(frame(DATA, 0, stream, piece))
+            h.ping()  # read by the daemon: still open
+            sent += 2 * per_stream * len(piece)
+            if sent + 2 * per_stream * len(piece) > MAX_GATHERED:
+                break
+        last = H2(after_check.port)
+        held.append(last)
+        with contextlib.suppress(OSError):  # closed while it still sends
+            for stream in (1, 3):
+                last.send(frame(HEADERS, END_HEADERS, stream, header_block()))
+                for _ in range(per_stream):
+                    last.send(frame(DATA, 0, stream, piece))
+        last.until_closed()
+        assert last.goaway is not None and last.goaway[1] == ENHANCE_YOUR_CALM, last.goaway
+        assert b"all the connections" in last.goaway[2]
+        first = held[0]
+        first.send(frame(RST_STREAM, 0, 1, struct.pack(">I", CANCEL)))  # gives back its bytes
+        first.call(5, [k(3)])
+        assert reassemble(first.finish(5).messages(), [k(3)]) == [data(3)]
+    finally:
+        for h in held:
+            h.close()
     assert_still_serves(after_check)
 
 
