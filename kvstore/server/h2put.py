@@ -79,8 +79,9 @@ class PutSink:
         try:
             self._parse(piece)
         finally:
-            if fed - (self._queued - queued):
-                self._taken(fed - (self._queued - queued))
+            done = fed - (self._queued - queued)  # all but the data bytes it queued
+            if done:
+                self._taken(done)
 
     def _parse(self, piece: memoryview) -> None:
         while piece and not self._failed and not self._ended:
