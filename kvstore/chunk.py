@@ -48,15 +48,70 @@ DTYPE_SIZES: dict[str, int] = {
 }
 
 
+#: Payloads longer than this are checksummed leaf by leaf (see :func:`checksum`).
+SUM_LEAF = 1 << 20
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
-    """xxh3-64 of the payload (about 25 GB/s here)."""
-    return xxhash.xxh3_64_intdigest(data)
+    """The checksum of a payload (``ChunkMeta.checksum``): its xxh3-64 when it
+    is at most :data:`SUM_LEAF` bytes long; else the xxh3-64 of the xxh3-64
+    digests (8 bytes each, big-endian) of its leaves, :data:`SUM_LEAF` bytes
+    each but the last.
+
+    The leaves make a long payload's checksum parallel: two threads copying
+    and summing halves of a 32 MiB chunk finish together, where xxh3 over
+    the whole (sequential) kept one thread summing after the copies were
+    done.  xxh3 runs at about 25 GB/s here."""
+    view = byte_view(data)
+    n = view.nbytes
+    if n <= SUM_LEAF:
+        return xxhash.xxh3_64_intdigest(view)
+    return combine_leaves([xxhash.xxh3_64_digest(view[at : at + SUM_LEAF]) for at in range(0, n, SUM_LEAF)])
 
 
-def checksummer() -> xxhash.xxh3_64:
+def combine_leaves(digests: list[bytes]) -> int:
+    """The checksum of a payload longer than :data:`SUM_LEAF` from its leaves' digests, in order."""
+    return xxhash.xxh3_64_intdigest(b"".join(digests))
+
+
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of a contiguous buffer."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class Checksummer:
     """:func:`checksum` piece by piece: ``update`` with consecutive parts of a
-    payload, then ``intdigest()`` equals ``checksum`` of the whole."""
-    return xxhash.xxh3_64()
+    payload (any sizes), then ``intdigest()`` equals ``checksum`` of the whole."""
+
+    __slots__ = ("_leaf", "_left", "_digests")
+
+    def __init__(self) -> None:
+        self._leaf = xxhash.xxh3_64()
+        self._left = SUM_LEAF  # bytes the current leaf still takes
+        self._digests: list[bytes] = []  # of the leaves before the current one
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = byte_view(data)
+        while view.nbytes:
+            if not self._left:  # the current leaf is full and more follows: a leaf of its own
+                self._digests.append(self._leaf.digest())
+                self._leaf.reset()
+                self._left = SUM_LEAF
+            k = min(self._left, view.nbytes)
+            self._leaf.update(view[:k] if k < view.nbytes else view)
+            self._left -= k
+            view = view[k:]
+
+    def intdigest(self) -> int:
+        if not self._digests:
+            return self._leaf.intdigest()
+        return combine_leaves([*self._digests, self._leaf.digest()])
+
+
+def checksummer() -> Checksummer:
+    """A :class:`Checksummer`."""
+    return Checksummer()
 
 
 @dataclass(frozen=True, slots=True)

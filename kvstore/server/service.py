@@ -229,7 +229,7 @@ class KVStoreService(pb_grpc.KVStoreServicer):
         """Store a received chunk whose bytes have the checksum ``got``."""
         view = buf.payload(meta.nbytes)
         if got != meta.checksum:
-            raise CorruptChunk(f"chunk {key}: payload fails its checksum (xxh3 {got:#x}, header {meta.checksum:#x})")
+            raise CorruptChunk(f"chunk {key}: payload fails its checksum ({got:#x}, header {meta.checksum:#x}; see docs/api.md, 'The checksum')")
         tier = await self._store.put(key, Chunk(meta, view), durable=durable, verified=True)
         return pb.PutResult(key=str(key), tier=tier)
 

@@ -28,7 +28,7 @@ class Slot:
     policy: EvictionPolicy
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sizes: dict[ChunkKey, int] = field(default_factory=dict)
-    #: xxh3 of what the tier holds per key (None when unknown, e.g. after a restart).
+    #: checksum of what the tier holds per key (None when unknown, e.g. after a restart).
     sums: dict[ChunkKey, int | None] = field(default_factory=dict)
     ns_bytes: dict[Namespace, int] = field(default_factory=lambda: defaultdict(int))
     ns_chunks: dict[Namespace, int] = field(default_factory=lambda: defaultdict(int))
@@ -53,7 +53,7 @@ class Slot:
         self.ns_chunks[key.namespace] += 1
 
     def holds(self, key: ChunkKey, checksum: int) -> bool:
-        """Whether the tier already holds exactly this value (same xxh3)."""
+        """Whether the tier already holds exactly this value (same checksum)."""
         return self.sums.get(key) == checksum
 
     def untrack(self, key: ChunkKey) -> None:

@@ -63,7 +63,7 @@ class TierStats:
     counters: TierCounters = field(default_factory=TierCounters)
 
 
-#: Payloads at least this large are checksummed off the event loop (xxh3: ~0.3 ms per 8 MiB).
+#: Payloads at least this large are checksummed off the event loop (~0.3 ms per 8 MiB).
 SUM_THREAD_MIN = 8 << 20
 
 

@@ -21,18 +21,18 @@ one ``copy_`` (the device's engine does the work).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
-import itertools
-import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+import xxhash
 
-from kvstore.chunk import checksummer
+from kvstore.chunk import SUM_LEAF, checksummer, combine_leaves
 
 T = TypeVar("T")
 #: Parts are cut at multiples of this (pages: neither side shares a page between threads).
@@ -124,7 +124,7 @@ class Copier:
         return _all_done(loop, pieces)
 
     def start_summed(self, dst: memoryview, src: Buffer) -> asyncio.Future[int]:
-        """:meth:`start`, then the xxh3 checksum of ``dst`` as written, computed by
+        """:meth:`start`, then the checksum of ``dst`` as written, computed by
         the thread that copied (one trip through the pool for both)."""
         loop = asyncio.get_running_loop()
         if dst.nbytes <= self._inline_max or self._pool is None:
@@ -152,69 +152,58 @@ SUM_PIECE = 256 << 10
 
 def copy_summed(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor | None = None) -> int:
     """Copy ``src`` into ``dst`` (flat uint8 CPU tensors of one length) and return
-    the xxh3-64 of ``dst`` as written.
+    the checksum of ``dst`` as written (:func:`kvstore.chunk.checksum`).
 
-    The calling thread copies and checksums :data:`SUM_PIECE` at a time, so the
-    checksum reads each piece from the cache instead of memory: about the time
-    of the copy alone here (16 MiB: 1.3-1.4 ms against 1.5 for a copy and then
-    a checksum).  From :data:`SPLIT_SUMMED` bytes, with a ``pool``, one of its
-    threads copies the last :data:`HELPER_SHARE` meanwhile, :data:`HELPER_PIECE`
-    at a time, and the calling thread, done with its own part, checksums those
-    pieces as they are copied (in order: xxh3 is sequential) and copies any the
-    helper has not claimed yet (all of them when a busy pool never starts it).
-    The copies are ``memmove`` without the GIL, as is xxh3.
+    Each leaf of the checksum (:data:`~kvstore.chunk.SUM_LEAF` bytes) is
+    copied and summed by one thread, :data:`SUM_PIECE` at a time, so the
+    checksum reads each piece from the cache instead of memory: about the
+    time of the copy alone.  From :data:`SPLIT_SUMMED` bytes, with a
+    ``pool``, one of its threads takes leaves from the end while the calling
+    thread takes them from the start, until they meet (the calling thread
+    does them all when a busy pool never starts its thread).  The copies are
+    ``memmove`` and the sums xxh3, both without the GIL.
     """
     n = dst.numel()
     if src.numel() != n:
         raise ValueError(f"copy of {src.numel()} bytes into {n}")
     d, s = dst.data_ptr(), src.data_ptr()
     out = _view(dst)
-    summed = checksummer()
-    own = n
-    if pool is not None and n >= SPLIT_SUMMED:
-        own = -(-int(n * (1 - HELPER_SHARE)) // PART_ALIGN) * PART_ALIGN
-    pieces = [(at, min(HELPER_PIECE, n - at)) for at in range(own, n, HELPER_PIECE)]
-    claims = itertools.count()  # next() is atomic: each piece is copied once
-    copied = [False] * len(pieces)
-    ready: queue.SimpleQueue[int] = queue.SimpleQueue()
 
-    def copy_claimed() -> None:
-        while (i := next(claims)) < len(pieces):
-            at, k = pieces[i]
-            ctypes.memmove(d + at, s + at, k)
-            copied[i] = True
-            ready.put(i)
+    def copy_leaf(at: int, end: int) -> xxhash.xxh3_64:
+        summed = xxhash.xxh3_64()
+        for piece in range(at, end, SUM_PIECE):
+            k = min(SUM_PIECE, end - piece)
+            ctypes.memmove(d + piece, s + piece, k)
+            summed.update(out[piece : piece + k])
+        return summed
 
-    helper = pool.submit(copy_claimed) if pieces and pool is not None else None
+    if n <= SUM_LEAF:
+        return copy_leaf(0, n).intdigest()
+    starts = range(0, n, SUM_LEAF)
+    digests = [b""] * len(starts)
+    todo = collections.deque(range(len(starts)))  # pop and popleft are atomic: each leaf is done once
+
+    def copy_leaves(take: Callable[[], int]) -> None:
+        while True:
+            try:
+                i = take()
+            except IndexError:
+                return
+            digests[i] = copy_leaf(starts[i], min(starts[i] + SUM_LEAF, n)).digest()
+
+    helper = pool.submit(copy_leaves, todo.pop) if pool is not None and n >= SPLIT_SUMMED else None
     try:
-        for at in range(0, own, SUM_PIECE):
-            k = min(SUM_PIECE, own - at)
-            ctypes.memmove(d + at, s + at, k)
-            summed.update(out[at : at + k])
-        j = 0
-        while j < len(pieces):
-            if copied[j]:
-                at, k = pieces[j]
-                summed.update(out[at : at + k])
-                j += 1
-            elif (i := next(claims)) < len(pieces):
-                at, k = pieces[i]
-                ctypes.memmove(d + at, s + at, k)
-                copied[i] = True
-            else:
-                ready.get()  # the helper is copying piece j: wait for it (or another)
+        copy_leaves(todo.popleft)
     finally:
+        todo.clear()  # raised: the helper stops after its current leaf
         if helper is not None and not helper.cancel():
             helper.result()  # never leave a thread writing into dst
-    return summed.intdigest()
+    return combine_leaves(digests)
 
 
-#: :func:`copy_summed` splits copies of at least this many bytes (below, waking the
-#: helper costs what it saves) ...
+#: :func:`copy_summed` shares copies of at least this many bytes with a pool
+#: thread (below, waking it costs what it saves).
 SPLIT_SUMMED = 4 << 20
-#: ... and gives the helper this share, in pieces of this size.
-HELPER_SHARE = 0.6
-HELPER_PIECE = 1 << 20
 
 
 def _size(b: Buffer) -> int:

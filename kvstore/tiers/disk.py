@@ -12,6 +12,10 @@ File format
         "KVD1" | u16 version | u16 key length | u32 meta length |
         key (utf-8 wire form) | ChunkMeta.encode() | u32 crc32 of all before
 
+    Version 2 since the leaf checksum (:func:`kvstore.chunk.checksum`); a file
+    of version 1 is read when its chunk is at most ``SUM_LEAF`` bytes (the
+    checksum is the same), and dropped at open above.
+
     :meth:`DiskTier.open` rebuilds the index from headers alone (one 4 KiB
     read per file, payloads are never read); a file whose size is not
     header + ``meta.nbytes`` is truncated, and is dropped and counted.
@@ -26,7 +30,7 @@ Crash safety
 Reads
     A get opens the file (``O_DIRECT`` where allowed), reads it whole with one
     ``preadv`` into one fresh, aligned bytearray, checks the header, the size
-    and the xxh3 of the payload, and returns a view of that buffer: no copy
+    and the checksum of the payload, and returns a view of that buffer: no copy
     after the kernel's.  Anything that fails a check is deleted and counted.
 
 Threads

@@ -20,7 +20,7 @@ import zlib
 
 import blake3
 
-from kvstore.chunk import ChunkMeta
+from kvstore.chunk import SUM_LEAF, ChunkMeta
 from kvstore.errors import CorruptChunk, InvalidArgument
 from kvstore.keys import ChunkKey
 
@@ -28,7 +28,9 @@ __all__ = ["ALIGN", "FIRST_READ", "HEADER_BOUND", "aligned_view", "decode_header
            "read_whole", "write_all"]
 
 _MAGIC = b"KVD1"
-_VERSION = 1
+#: 2 since the leaf checksum (kvstore.chunk.checksum).  A file of version 1 is read
+#: when its chunk is at most SUM_LEAF bytes, whose checksum is the same under both.
+_VERSION = 2
 _FIXED = struct.Struct("<4sHHI")  # magic, version, key length, meta length
 _CRC = struct.Struct("<I")
 _MAX_KEY = 1024
@@ -64,7 +66,7 @@ def decode_header(data: bytes | memoryview) -> tuple[str, ChunkMeta, int]:
     if len(data) < _FIXED.size:
         raise CorruptChunk("disk header truncated")
     magic, version, klen, mlen = _FIXED.unpack_from(data, 0)
-    if magic != _MAGIC or version != _VERSION:
+    if magic != _MAGIC or version not in (1, _VERSION):
         raise CorruptChunk("disk header has a bad magic or version")
     if klen > _MAX_KEY or mlen > _MAX_META:
         raise CorruptChunk("disk header has impossible lengths")
@@ -81,6 +83,8 @@ def decode_header(data: bytes | memoryview) -> tuple[str, ChunkMeta, int]:
     meta, used = ChunkMeta.decode(data[_FIXED.size + klen : end])
     if used != mlen:
         raise CorruptChunk("disk header meta length disagrees with its content")
+    if version == 1 and meta.nbytes > SUM_LEAF:
+        raise CorruptChunk(f"disk file of version 1 with a chunk over {SUM_LEAF} bytes: its checksum predates the leaf checksum")
     return key, meta, end + _CRC.size
 
 

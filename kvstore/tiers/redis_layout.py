@@ -28,14 +28,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from kvstore.chunk import ChunkMeta
+from kvstore.chunk import SUM_LEAF, ChunkMeta
 from kvstore.errors import CorruptChunk
 from kvstore.keys import ChunkKey
 
 __all__ = ["DISCARD_LUA", "HEAD_SIZE", "Manifest", "manifest_key", "part_keys"]
 
 _MAGIC = b"KVRM"
-_VERSION = 1
+#: 2 since the leaf checksum (kvstore.chunk.checksum).  A manifest of version 1 is
+#: read when its chunk is at most SUM_LEAF bytes, whose checksum is the same under both.
+_VERSION = 2
 _HEAD = struct.Struct("<4sBBH8sII")  # magic, version, flags, reserved, nonce, part count, part size
 _CRC = struct.Struct("<I")
 _INLINE = 0x01
@@ -78,9 +80,13 @@ class Manifest:
         magic, version, flags, _, nonce, count, part_bytes = _HEAD.unpack_from(view, 0)
         if magic != _MAGIC:
             raise CorruptChunk("redis manifest has a bad magic")
-        if version != _VERSION:
-            raise CorruptChunk(f"redis manifest version {version} is not supported (this build reads {_VERSION})")
+        if version not in (1, _VERSION):
+            raise CorruptChunk(f"redis manifest version {version} is not supported (this build reads 1 and {_VERSION})")
         meta, used = ChunkMeta.decode(view[_HEAD.size :])
+        if version == 1 and meta.nbytes > SUM_LEAF:
+            raise CorruptChunk(
+                f"redis manifest of version 1 for a chunk over {SUM_LEAF} bytes: its checksum predates the leaf checksum"
+            )
         end = _HEAD.size + used
         if len(view) < end + _CRC.size:
             raise CorruptChunk("redis manifest truncated")

@@ -2,7 +2,7 @@
 (direct writes: kvstore/client/arena_writes.py, kvstore/server/direct_writes.py).
 
 What must hold: byte-exact values of every dtype and of sizes around the
-checksum's pieces and the split copy, with a checksum that is the xxh3 of the
+checksum's pieces and leaves and the split copy, with a checksum that is that of the
 stored bytes; other clients (direct reads, the byte stream) see each put and
 overwrite at once; changing sizes leaks no reserved block; the config switch,
 the client switch and a token file each turn it off and puts still work;
@@ -25,7 +25,7 @@ import yaml
 
 import kvstore
 from kvstore.admin.client import AdminClient
-from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.chunk import SUM_LEAF, Chunk, ChunkMeta, checksum
 from kvstore.client import blocking_channel
 from kvstore.client.arena_writes import GROUP_BYTES
 from kvstore.server.direct_writes import MAX_HELD
@@ -71,7 +71,7 @@ def test_puts_are_byte_exact_with_the_stored_bytes_checksum(server: DaemonProces
 
 
 @pytest.mark.parametrize(
-    "size", [1, 4095, SUM_PIECE - 1, SUM_PIECE + 1, 3 * SUM_PIECE + 17, SPLIT_SUMMED - 1, SPLIT_SUMMED + 4097]
+    "size", [1, 4095, SUM_PIECE - 1, SUM_PIECE + 1, 3 * SUM_PIECE + 17, SUM_LEAF + 1, SPLIT_SUMMED - 1, SPLIT_SUMMED + 4097]
 )
 def test_sizes_around_the_pieces_and_the_split(server: DaemonProcess, size: int) -> None:
     g = torch.Generator().manual_seed(size)

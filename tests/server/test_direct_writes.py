@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from kvstore.admin.client import AdminClient
+from kvstore.chunk import checksum
 from kvstore.server.direct_writes import MAX_HELD
 from kvstore.server.shm_channel import HEADER, KIND_ATTACH, KIND_OK, KIND_WRITE
 from kvstore.tiers.shared_arena import DESCRIPTION, SUPPORTED, WRITABLE
@@ -74,7 +74,7 @@ class Writer:
 
 
 def item(k: str, data: bytes, offset: int, **meta: object) -> pb.ArenaPutItem:
-    fields: dict[str, object] = {"nbytes": len(data), "checksum": xxhash.xxh3_64_intdigest(data), **meta}
+    fields: dict[str, object] = {"nbytes": len(data), "checksum": checksum(data), **meta}
     return pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(**fields), offset=offset)
 
 

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import xxhash
 
-from kvstore.chunk import checksum
+from kvstore.chunk import SUM_LEAF, checksum
+from kvstore.tiers import copier as copier_module
 from kvstore.tiers.copier import PART_ALIGN, SPLIT_SUMMED, SUM_PIECE, Copier, copy_summed, finish, when_done
 
 MiB = 1 << 20
@@ -181,7 +183,11 @@ def test_each_part_is_seen_once_in_order_even_when_taken_back(pool: ThreadPoolEx
 
 # -- copy_summed: the copy a direct write makes, checksummed as it goes -------------------------
 @pytest.mark.parametrize(
-    "n", [0, 1, 4095, SUM_PIECE - 1, SUM_PIECE, SUM_PIECE + 1, 5 * SUM_PIECE + 3, SPLIT_SUMMED - 1, SPLIT_SUMMED + 4097]
+    "n",
+    [
+        0, 1, 4095, SUM_PIECE - 1, SUM_PIECE, SUM_PIECE + 1, 5 * SUM_PIECE + 3, SUM_LEAF, SUM_LEAF + 1,
+        SPLIT_SUMMED - 1, SPLIT_SUMMED, SPLIT_SUMMED + 4097, 9 * SUM_LEAF + 3,
+    ],
 )
 @pytest.mark.parametrize("with_pool", [True, False])
 def test_copy_summed_is_exact_and_sums_what_it_wrote(pool: ThreadPoolExecutor, n: int, with_pool: bool) -> None:
@@ -189,6 +195,36 @@ def test_copy_summed_is_exact_and_sums_what_it_wrote(pool: ThreadPoolExecutor, n
     got = copy_summed(dst, src, pool if with_pool else None)
     assert torch.equal(src, dst)
     assert got == checksum(dst.numpy().data)
+
+
+def test_copy_summed_shares_the_leaves_with_the_pool(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's thread takes leaves from the end while the caller takes them from the start
+    (seen by which threads make the real xxh3 hashers)."""
+    threads: set[str] = set()
+    real = xxhash.xxh3_64
+
+    def spy() -> xxhash.xxh3_64:
+        threads.add(threading.current_thread().name)
+        return real()
+
+    src, dst = buffers(32 * MiB, seed=8)
+    monkeypatch.setattr(copier_module.xxhash, "xxh3_64", spy)
+    got = copy_summed(dst, src, pool)
+    assert torch.equal(src, dst) and got == checksum(dst.numpy().data)
+    assert threading.current_thread().name in threads and len(threads) == 2
+
+
+def test_copy_summed_does_it_all_when_the_pool_is_busy() -> None:
+    with ThreadPoolExecutor(1) as busy:
+        release = threading.Event()
+        blocker = busy.submit(release.wait, 30)
+        try:
+            src, dst = buffers(SPLIT_SUMMED + 4097, seed=9)
+            got = copy_summed(dst, src, busy)  # its share never starts: the caller takes it back
+            assert torch.equal(src, dst) and got == checksum(dst.numpy().data)
+        finally:
+            release.set()
+            blocker.result()
 
 
 def test_copy_summed_refuses_buffers_of_different_sizes(pool: ThreadPoolExecutor) -> None:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import threading
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import blake3
 import pytest
 
-from kvstore.chunk import Chunk, ChunkMeta
+from kvstore.chunk import SUM_LEAF, Chunk, ChunkMeta
 from kvstore.errors import (
     CapacityError,
     Closed,
@@ -426,6 +427,35 @@ async def test_file_removed_behind_the_tiers_back(tier: DiskTier) -> None:
     tier.path_for(make_key(1)).unlink()
     assert await tier.get(make_key(1)) is None
     assert not tier.contains(make_key(1)) and tier.used_bytes == 0
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a chunk file's header as version 1 wrote it (before the leaf checksum)."""
+    data = bytearray(path.read_bytes())
+    _, _, hlen = decode_header(data)
+    data[4:6] = (1).to_bytes(2, "little")
+    data[hlen - 4 : hlen] = zlib.crc32(bytes(data[: hlen - 4])).to_bytes(4, "little")
+    path.write_bytes(data)
+
+
+async def test_version_1_files_are_kept_where_their_checksum_still_holds(config: DiskTierConfig) -> None:
+    """Version 1 summed a payload whole; version 2 sums 1 MiB leaves.  The checksums agree up to
+    a leaf, so such files are still served after an upgrade; a larger one is dropped at open."""
+    small, large = make_chunk(1, SUM_LEAF), make_chunk(2, SUM_LEAF + 1)
+    async with DiskTier("disk", config) as t:
+        await t.put(make_key(1), small)
+        await t.put(make_key(2), large)
+        paths = [t.path_for(make_key(1)), t.path_for(make_key(2))]
+    for path in paths:
+        _as_version_1(path)
+    t = await reopened(config)
+    try:
+        assert t.contains(make_key(1)) and not t.contains(make_key(2))
+        assert t.counters.corrupt == 1 and not paths[1].exists()
+        got = await t.get(make_key(1))
+        assert got is not None and bytes(got.payload) == payload(1, SUM_LEAF)
+    finally:
+        await t.close()
 
 
 def test_header_roundtrip_and_damage() -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from kvstore.chunk import Chunk, ChunkMeta, checksum
+from kvstore.chunk import SUM_LEAF, Chunk, ChunkMeta, checksum
 from kvstore.errors import ConfigError, CorruptChunk, RemoteUnavailable
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.breaker import BreakerConfig
@@ -119,6 +120,23 @@ def test_manifest_round_trip_and_corruption() -> None:
         Manifest.decode(raw[:20])
     with pytest.raises(CorruptChunk, match="part count"):
         Manifest.decode(Manifest(meta, b"12345678", 2, 4 * MiB, False, False).encode())
+
+
+def _as_version_1(raw: bytes) -> bytes:
+    """A manifest as version 1 wrote it (before the leaf checksum)."""
+    body = bytearray(raw[:-4])
+    body[4] = 1
+    return bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little")
+
+
+def test_version_1_manifests_are_read_where_their_checksum_still_holds() -> None:
+    """Version 1 summed a payload whole, version 2 sums 1 MiB leaves: the same up to a leaf."""
+    small = ChunkMeta(nbytes=SUM_LEAF, checksum=7)
+    back = Manifest.decode(_as_version_1(Manifest(small, b"12345678", 0, 0, inline=True, together=True).encode()) + bytes(SUM_LEAF))
+    assert back.meta == small and back.inline
+    large = ChunkMeta(nbytes=SUM_LEAF + 1, checksum=7)
+    with pytest.raises(CorruptChunk, match="predates the leaf checksum"):
+        Manifest.decode(_as_version_1(Manifest(large, b"12345678", 1, 2 * MiB, inline=False, together=True).encode()))
 
 
 # -- standalone ------------------------------------------------------------------------------
