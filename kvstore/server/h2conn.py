@@ -123,9 +123,11 @@ class H2Connection(H2DataReader, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._peer_going = True
-        for st in self._streams.values():
+        for st in list(self._streams.values()):
             if st.sink is not None and not st.sink.ended and st.task is not None:
                 st.task.cancel()  # a request cut off: it can never end now
+            elif st.sink is None and st.task is None:
+                del self._streams[st.id]  # a Get's request, still gathered: it can never end either
         if self._transport is not None and (self._closed or not self._streams):
             self._transport.close()  # both sides done
         return True  # keep the write side open for the replies in flight (a half-close)
@@ -143,13 +145,16 @@ class H2Connection(H2DataReader, asyncio.Protocol):
         try:
             self._parse()
         except ProtocolError as exc:
-            log.debug("HTTP/2 get listener: closing %s: %s", self.peer, exc)
-            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, exc.code) + str(exc).encode()[:256]))
-            self.close()
+            self.refuse(exc)
 
     # -- control ---------------------------------------------------------------------
-    def _others_gathered(self) -> int:
-        return sum(conn.gathered() for conn in self._connections if conn is not self)
+    def refuse(self, exc: ProtocolError) -> None:
+        log.debug("HTTP/2 get listener: closing %s: %s", self.peer, exc)
+        self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self._last_stream, exc.code) + str(exc).encode()[:256]))
+        self.close()
+
+    def _others(self) -> list[H2DataReader]:
+        return [conn for conn in self._connections if conn is not self]
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [st.task for st in self._streams.values() if st.task is not None]

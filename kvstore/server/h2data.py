@@ -84,27 +84,42 @@ class H2DataReader(H2Sender):
     def _reset(self, st: Stream, code: int) -> None:
         raise NotImplementedError
 
-    def _others_gathered(self) -> int:
-        """Request bytes the listener's other connections hold gathered."""
+    def _others(self) -> list[H2DataReader]:
+        """The listener's other connections."""
+        raise NotImplementedError
+
+    def refuse(self, exc: ProtocolError) -> None:
+        """Send GOAWAY with ``exc``'s code and message, and close."""
         raise NotImplementedError
 
     def gathered(self) -> int:
-        """Request bytes this connection's streams hold gathered (before their requests end)."""
-        return sum(len(st.body) for st in self._streams.values())
+        """Request bytes this connection's streams hold gathered (before their requests end);
+        none once it is closing (what it still receives is discarded)."""
+        return 0 if self._closed else sum(len(st.body) for st in self._streams.values())
 
     def _bound_gathered(self) -> None:
-        """Close the connection (GOAWAY ENHANCE_YOUR_CALM) past MAX_BUFFERED or MAX_GATHERED."""
+        """Past MAX_BUFFERED, close this connection (GOAWAY ENHANCE_YOUR_CALM).  Past
+        MAX_GATHERED over all the listener's connections, close those holding the most
+        until under it: maybe this one, but not one that merely crossed the bound with
+        less than another holds."""
         mine = self.gathered()
         if mine > MAX_BUFFERED:
             raise ProtocolError(
                 ENHANCE_YOUR_CALM, f"over {MAX_BUFFERED} bytes of unfinished requests on one connection; finish them first"
             )
-        if mine + self._others_gathered() > MAX_GATHERED:
-            raise ProtocolError(
-                ENHANCE_YOUR_CALM,
-                f"over {MAX_GATHERED} bytes of unfinished requests on all the connections to this port; "
-                "finish them first",
-            )
+        others = sorted(((conn.gathered(), conn) for conn in self._others()), key=lambda held: -held[0])
+        total = mine + sum(n for n, _ in others)
+        message = (
+            f"over {MAX_GATHERED} bytes of unfinished requests on all the connections to this port, "
+            "this one holding the most; finish them first"
+        )
+        for n, conn in others:
+            if total <= MAX_GATHERED or n <= mine:
+                break
+            conn.refuse(ProtocolError(ENHANCE_YOUR_CALM, message))
+            total -= n
+        if total > MAX_GATHERED:
+            raise ProtocolError(ENHANCE_YOUR_CALM, message)
 
     def _streaming(self, stream: int) -> bool:
         st = self._streams.get(stream)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import signal
 import socket
 import struct
@@ -780,43 +781,110 @@ def test_unfinished_requests_on_one_connection_are_bounded(after_check: Served) 
     assert_still_serves(after_check)
 
 
+def _hold(h: H2, streams: Sequence[int], nbytes: int) -> None:
+    """Open ``streams`` on ``h`` and send each ``nbytes`` of a request it never ends."""
+    for stream in streams:
+        h.send(frame(HEADERS, END_HEADERS, stream, header_block()))
+        left = nbytes
+        while left:
+            n = min(left, RECV_FRAME)
+            h.send(frame(DATA, 0, stream, bytes(n)))
+            left -= n
+    h.ping(os.urandom(8))  # read by the daemon (a PING of its own: pongs accumulate); still open
+
+
+def _let_go(held: Sequence[H2]) -> None:
+    """Half-close each connection and wait for the daemon to close it: it then holds none of
+    their unfinished requests (the next test starts with none gathered)."""
+    for h in held:
+        with contextlib.suppress(OSError):
+            h.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            h.until_closed()
+        h.close()
+
+
+def test_a_client_that_half_closes_inside_a_request_is_let_go(after_check: Served) -> None:
+    """A Get's request cut off by the client's end of stream can never end: the daemon drops
+    it and closes the connection, instead of holding its bytes (and the connection) forever."""
+    h = H2(after_check.port)
+    try:
+        _hold(h, (1, 3), 4 * RECV_FRAME)
+        h.sock.shutdown(socket.SHUT_WR)
+        h.until_closed()
+        assert h.goaway is None
+    finally:
+        h.close()
+    assert_still_serves(after_check)
+
+
 def test_unfinished_requests_on_all_connections_are_bounded(after_check: Served) -> None:
     """Connections each under MAX_BUFFERED of unfinished Get requests may hold at most
-    MAX_GATHERED together: the one that goes past it gets GOAWAY ENHANCE_YOUR_CALM
-    and is closed; the others stay open, and their requests, once ended, are served."""
-    piece = bytes(RECV_FRAME)
-    per_stream = MAX_REQUEST // RECV_FRAME - 2  # frames: under MAX_REQUEST a stream, MAX_BUFFERED a connection
+    MAX_GATHERED together.  The request that crosses it is one of a well-behaved client
+    (a Get of 401 keys, 36 KiB): the connection holding the most gets GOAWAY
+    ENHANCE_YOUR_CALM and is closed, not that client's, whose Get is served; the
+    others stay open, and their requests, once ended, are served."""
+    hog_bytes = MAX_REQUEST - 2 * RECV_FRAME  # two streams of it: the most on one connection
+    filler_bytes = hog_bytes - RECV_FRAME
     held: list[H2] = []
     try:
-        sent = 0
-        while True:
+        hog = H2(after_check.port)
+        held.append(hog)
+        _hold(hog, (1, 3), hog_bytes)
+        left = MAX_GATHERED - 2 * hog_bytes - (8 << 10)  # 8 KiB under the bound in all
+        while left:
             h = H2(after_check.port)
             held.append(h)
             for stream in (1, 3):
-                h.send(frame(HEADERS, END_HEADERS, stream, header_block()))
-                for _ in range(per_stream):
-                    h.send(frame(DATA, 0, stream, piece))
-            h.ping()  # read by the daemon: still open
-            sent += 2 * per_stream * len(piece)
-            if sent + 2 * per_stream * len(piece) > MAX_GATHERED:
-                break
-        last = H2(after_check.port)
-        held.append(last)
-        with contextlib.suppress(OSError):  # closed while it still sends
-            for stream in (1, 3):
-                last.send(frame(HEADERS, END_HEADERS, stream, header_block()))
-                for _ in range(per_stream):
-                    last.send(frame(DATA, 0, stream, piece))
-        last.until_closed()
-        assert last.goaway is not None and last.goaway[1] == ENHANCE_YOUR_CALM, last.goaway
-        assert b"all the connections" in last.goaway[2]
-        first = held[0]
+                n = min(left, filler_bytes)
+                if n:
+                    _hold(h, (stream,), n)
+                    left -= n
+        polite = H2(after_check.port)
+        keys = [k(3)] + [key(1000 + i, model="many") for i in range(400)]
+        assert 32 << 10 < len(get_request(keys)) < 64 << 10
+        polite.call(1, keys)
+        assert reassemble(polite.finish(1).messages(), keys) == [data(3)] + [None] * 400
+        hog.until_closed()
+        assert hog.goaway is not None and hog.goaway[1] == ENHANCE_YOUR_CALM, hog.goaway
+        assert b"all the connections" in hog.goaway[2] and b"holding the most" in hog.goaway[2]
+        first = held[1]
         first.send(frame(RST_STREAM, 0, 1, struct.pack(">I", CANCEL)))  # gives back its bytes
         first.call(5, [k(3)])
         assert reassemble(first.finish(5).messages(), [k(3)]) == [data(3)]
+        assert first.goaway is None
     finally:
-        for h in held:
-            h.close()
+        _let_go(held)
+    assert_still_serves(after_check)
+
+
+def test_the_connection_crossing_the_bound_is_closed_when_it_holds_the_most(after_check: Served) -> None:
+    """Others holding less than the crossing connection are left alone."""
+    held: list[H2] = []
+    try:
+        small = H2(after_check.port)
+        held.append(small)
+        _hold(small, (1,), 2 * RECV_FRAME)
+        for _ in range(4):  # 4 x 24 MiB: the last connection crosses the bound holding 30 MiB
+            h = H2(after_check.port)
+            held.append(h)
+            _hold(h, (1, 3), 12 * RECV_FRAME)
+        last = H2(after_check.port)
+        held.append(last)
+        with contextlib.suppress(OSError):  # closed while it still sends
+            for stream in (1, 3, 5):
+                last.send(frame(HEADERS, END_HEADERS, stream, header_block()))
+                for _ in range(21):
+                    last.send(frame(DATA, 0, stream, bytes(RECV_FRAME // 2)))
+        last.until_closed()
+        assert last.goaway is not None and last.goaway[1] == ENHANCE_YOUR_CALM, last.goaway
+        for h in held[:-1]:
+            assert h.goaway is None
+        small.send(frame(RST_STREAM, 0, 1, struct.pack(">I", CANCEL)))
+        small.call(3, [k(3)])
+        assert reassemble(small.finish(3).messages(), [k(3)]) == [data(3)]
+    finally:
+        _let_go(held)
     assert_still_serves(after_check)
 
 
