@@ -163,6 +163,13 @@ class H2GetChannel:
             self._watcher.start()
         return conn
 
+    def abort(self) -> None:
+        """End the call in flight (from another thread): its connection is shut down, the
+        call returns None soon after, and the next call opens a new connection."""
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
+
     def close(self) -> None:
         with self._cv:
             self._closed = True

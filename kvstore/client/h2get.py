@@ -137,6 +137,15 @@ class H2GetConnection(H2Reader):
         except OSError:
             pass
 
+    def abort(self) -> None:
+        """Shut the socket down from another thread: a call blocked on it fails at once
+        (closing it would not wake that thread), and the connection is broken."""
+        self.broken = True
+        try:
+            self._sock.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def fileno(self) -> int:
         return self._sock.sock.fileno()
 

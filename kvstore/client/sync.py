@@ -17,11 +17,12 @@ call on a loaded machine):
 * ``put`` of a tensor that lives in the shared-memory segment
   (:meth:`Client.buffer`) and ``get_into`` such a tensor, over the same
   channel;
-* every get over the byte stream (no shared memory: ``shm=False``, or a
-  daemon on another host), over the client's own HTTP/2 connection
-  (:mod:`kvstore.client.h2get`): the same gRPC ``Get`` call, its payload read
-  from the socket straight into the result (one copy instead of five).
-  ``http2_get=False`` turns it off.
+* every get and put over the byte stream (no shared memory: ``shm=False``, or
+  a daemon on another host), over the client's own HTTP/2 connection
+  (:mod:`kvstore.client.h2calls`; the :class:`AsyncClient`'s, which uses it
+  from a worker thread): the same gRPC calls, a get's payload read from the
+  socket straight into the result (one copy instead of five).
+  ``http2_get=False`` and ``http2_put=False`` turn them off.
 
 * gets of chunks in the daemon's CPU tier, read by this process straight
   from the tier's memory, which the daemon shares read-only with clients on
@@ -38,7 +39,6 @@ absent, takes the ordinary path.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -47,14 +47,13 @@ import torch
 
 from kvstore.chunk import ChunkMeta
 from kvstore.client.aio import AsyncClient, LookupResult
-from kvstore.client.channel import ClientTLS
 from kvstore.client.arena_writes import filled, not_written
-from kvstore.client.h2channel import H2GetChannel, parse_address
-from kvstore.client.h2wire import Target
-from kvstore.client.payload import Fetched, KeyLike, Value, fetched, key_text, to_payload
+from kvstore.client import h2calls
+from kvstore.client.h2channel import H2GetChannel
+from kvstore.client.payload import Fetched, KeyLike, Value, key_text, to_payload
 from kvstore.client.blocking_channel import BlockingControlChannel
 from kvstore.client.shm import ClientSegment, get_item, put_item
-from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, RemoteUnavailable, error_for_status
+from kvstore.errors import Closed, InvalidArgument, KVStoreError, NotFound, error_for_status
 from kvstore.server.messages import meta_from_pb
 from kvstore.tiers.memory import tensor_view
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
@@ -92,20 +91,16 @@ class Client:
         self._blocking: BlockingControlChannel | None = None
         self._blocking_refused = 0  # segment id whose channel could not be opened here
         self._blocking_lock = threading.Lock()
-        #: The HTTP/2 shortcut; None: turned off, or a target it cannot parse (dns:///, unix:, ...).
-        self._h2: H2GetChannel | None = None
-        target = parse_address(address) if http2_get or http2_put else None
-        if target is not None:
-            tls = _ssl_context(kwargs.get("tls"))
-            self._h2 = H2GetChannel(Target(
-                *target, tls=tls[0] if tls else None, server_hostname=tls[1] if tls else None,
-                connect_timeout_s=min(5.0, self._aio.timeout_s),
-            ))
+        #: The HTTP/2 shortcut, the AsyncClient's connection used from the calling thread;
+        #: None: turned off, or a target it cannot parse (dns:///, unix:, ...).
+        self._h2: H2GetChannel | None = self._aio.h2
 
-    @staticmethod
-    async def _make(address: str, kwargs: dict[str, Any]) -> AsyncClient:
+    async def _make(self, address: str, kwargs: dict[str, Any]) -> AsyncClient:
         # This client reads and writes the shared arena itself (over its own blocking channel).
-        return AsyncClient(address, **kwargs, direct_reads=False, direct_writes=False)
+        return AsyncClient(
+            address, **kwargs, direct_reads=False, direct_writes=False, http2_get=self._http2_get,
+            http2_put=self._http2_put,
+        )
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():
@@ -120,8 +115,6 @@ class Client:
         with self._blocking_lock:
             if self._blocking is not None:
                 self._blocking.close()
-        if self._h2 is not None:
-            self._h2.close()
         self._run(self._aio.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -246,27 +239,10 @@ class Client:
         the connection busy or failing: grpcio then retries and reports)."""
         if self._h2 is None or not self._http2_get or self._closed or not self._aio.stream_only:
             return None
-        dest = None if into is None else tensor_view(into)
-
-        def destination(header: pb.GetHeader) -> memoryview:
-            n = header.meta.nbytes
-            if dest is None:
-                return memoryview(bytearray(n))
-            if n > dest.nbytes:
-                raise InvalidArgument(f"output has room for {dest.nbytes} bytes, the chunk has {n}")
-            return dest[:n]
-
-        request = pb.GetRequest(keys=texts, frame_bytes=self._aio.frame_bytes, inline_data=True)
-        got = self._h2.get(request, metadata=self._aio.metadata, timeout_s=self._aio.timeout_s, destination=destination)
-        if got is None:
-            return None
-        out: list[Fetched | None] = [None] * len(texts)
-        for header, data in got:
-            if not 0 <= header.index < len(texts):
-                raise RemoteUnavailable(f"the daemon answered for key {header.index} of {len(texts)}")
-            if data is not None:
-                out[header.index] = fetched(meta_from_pb(header.meta), data, texts[header.index])
-        return out
+        return h2calls.get(
+            self._h2, texts, into, frame_bytes=self._aio.frame_bytes, metadata=self._aio.metadata,
+            timeout_s=self._aio.timeout_s,
+        )
 
     def direct_reads_ready(self) -> bool:
         """Map the daemon's shared arena now, if it offers one, and every page of
@@ -390,14 +366,3 @@ class Client:
 
     def delete(self, keys: Sequence[KeyLike]) -> list[bool]:
         return self._run(self._aio.delete(keys))
-
-
-def _ssl_context(tls: object) -> tuple[ssl.SSLContext, str | None] | None:
-    """The TLS settings of the HTTP/2 shortcut, the same as the gRPC channel's (ALPN h2)."""
-    if not isinstance(tls, ClientTLS):
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-    if tls.cert is not None:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx, tls.server_name

@@ -76,16 +76,19 @@ def test_sync_client_round_trips_bytes(server: DaemonProcess, size: int, shm: bo
         assert bytes(got.data) == data
 
 
-@pytest.mark.parametrize("shm", [False, True], ids=["stream", "shm"])
+@pytest.mark.parametrize(
+    ("shm", "http2"), [(False, True), (False, False), (True, True)], ids=["stream-http2", "stream-grpcio", "shm"]
+)
 @pytest.mark.parametrize("size", SIZES)
-async def test_async_client_round_trips_bytes(server: DaemonProcess, size: int, shm: bool) -> None:
+async def test_async_client_round_trips_bytes(server: DaemonProcess, size: int, shm: bool, http2: bool) -> None:
     data = bytearray(blob(size + 1, size))
-    k = key(size, model=f"async-{shm}")
-    async with kvstore.AsyncClient(server.address, shm=shm) as c:
+    k = key(size, model=f"async-{shm}-{http2}")
+    async with kvstore.AsyncClient(server.address, shm=shm, http2_get=http2, http2_put=http2) as c:
         assert await c.put(k, data) == "cpu"
         assert c.uses_shm is shm
         data[:1] = b"\xff"[: len(data)]  # the stored copy must not alias the caller's buffer
         assert await c.get_bytes(k) == blob(size + 1, size)
+        assert c.http2_puts == c.http2_gets == (1 if http2 and not shm else 0)
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["stream", "shm"])
