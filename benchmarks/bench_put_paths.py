@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from kvstore.bench.peer_redis import RedisPeer
+from kvstore.bench.peer_redis import redis_reference
 from kvstore.bench.runner import spawn_daemon
 from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
@@ -41,12 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)  # like the clients of kvstore bench
     sizes = [int(float(s) * MiB) for s in a.sizes.split(",")]
     rounds = {size: max(8, a.rounds * 4 * MiB // max(size, 4 * MiB)) for size in sizes}
-    redis = RedisPeer()
-    reason = redis.unavailable_reason()
-    ref = {}
-    if reason is None:
-        with redis:
-            ref = {r.size_bytes: r for r in redis.run(sizes, max(rounds.values()), 3)}
+    ref, reason = redis_reference(sizes, max(rounds.values()))
     kb = KeyBuilder(Namespace("bench", "puts"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     print(f"{'size':>6} {'path':<22} {'put p50 ms':>10} {'get p50 ms':>10} {'put GB/s':>9} {'vs grpcio':>9} {'vs Redis':>9}")
     with spawn_daemon("2GiB") as addr:

@@ -107,3 +107,14 @@ class RedisPeer(Peer):
         finally:
             client.close()
         return results
+
+
+def redis_reference(sizes: Sequence[int], iterations: int, warmup: int = 3) -> tuple[dict[int, PeerResult], str | None]:
+    """Redis's figures per value size, for a benchmark's reference row; an empty dict and
+    the reason when redis-server is not installed."""
+    redis = RedisPeer()
+    reason = redis.unavailable_reason()
+    if reason is not None:
+        return {}, reason
+    with redis:
+        return {r.size_bytes: r for r in redis.run(sizes, iterations, warmup)}, None
