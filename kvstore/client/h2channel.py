@@ -29,6 +29,10 @@ class H2GetChannel:
 
     #: Quiet time after which the watcher looks at the connection.
     IDLE_S = 0.1
+    #: Connect timeout towards the listener (at most; the target's towards the gRPC port):
+    #: a port that cannot be reached (filtered) costs this once, then the calls stay on
+    #: the gRPC port.
+    LISTENER_CONNECT_S = 1.0
 
     def __init__(self, target: Target) -> None:
         #: The daemon's gRPC port, where the channel starts and comes back to.
@@ -146,8 +150,11 @@ class H2GetChannel:
         self._conn = None
         while True:
             port = self._fast or self._target.port
+            target = dataclasses.replace(self._target, port=port)
+            if self._fast is not None:
+                target = dataclasses.replace(target, connect_timeout_s=min(target.connect_timeout_s, self.LISTENER_CONNECT_S))
             try:
-                conn = H2PutConnection(dataclasses.replace(self._target, port=port))
+                conn = H2PutConnection(target)
             except OSError:
                 if self._fast is None:
                     return None

@@ -46,6 +46,7 @@ from kvstore.http2 import (
     grpc_timeout, literal, parse_frame_header,
 )
 from kvstore.server.h2conn import RECV_FRAME
+from kvstore.client.h2channel import H2GetChannel
 from kvstore.server.h2data import MAX_BUFFERED, MAX_GATHERED, MAX_REQUEST
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
@@ -969,6 +970,46 @@ def test_fixed_port_then_a_daemon_without_the_listener(tmp_path: Path) -> None:
         assert c.http2_get_port == main
         assert fixed in c._h2._unreachable  # noqa: SLF001 - not asked for again
         assert c.http2_gets >= 3 + 3
+
+
+def test_a_listener_port_that_cannot_be_reached_costs_one_short_connect(tmp_path: Path) -> None:
+    """A listener port that drops connection attempts (filtered; here a socket whose accept
+    queue is full) costs the client one connect of at most LISTENER_CONNECT_S (not the 5 s
+    of the gRPC port's), then its calls stay on the gRPC port."""
+    fixed = free_port()
+    first = DaemonProcess(tmp_path / "a", cpu_only("64MiB", http2_get_port=fixed)).start()
+    main = first.port
+    c = kvstore.Client(first.address, shm=False, retries=3, timeout_s=20)
+    try:
+        c.put(k(3), data(3))
+        assert c.get_bytes(k(3)) == data(3) and c.http2_get_port == fixed
+    except BaseException:
+        c.close()
+        raise
+    finally:
+        first.stop()
+    jam = socket.socket()
+    fill = [socket.socket() for _ in range(4)]
+    try:
+        jam.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the old listener's connections linger
+        jam.bind(("127.0.0.1", fixed))
+        jam.listen(0)
+        for f in fill:  # the accept queue full: the next connection attempts are dropped
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(("127.0.0.1", fixed))
+        with c, DaemonProcess(tmp_path / "b", cpu_only("64MiB", port=main, http2_get=False)) as second:
+            assert second.port == main
+            start = time.monotonic()
+            c.put(k(4), data(4))
+            assert c.get_bytes(k(4)) == data(4)
+            assert time.monotonic() - start < H2GetChannel.LISTENER_CONNECT_S + 2.5
+            assert fixed in c._h2._unreachable  # noqa: SLF001 - not tried again
+            assert c.http2_get_port == main
+    finally:
+        for f in fill:
+            f.close()
+        jam.close()
 
 
 def test_listener_turned_off(tmp_path: Path) -> None:
