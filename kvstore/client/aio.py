@@ -312,7 +312,7 @@ class AsyncClient:
 
     async def _put_stream(self, prepared: list[tuple[str, ChunkMeta, memoryview]], durable: bool) -> list[str]:
         """Put over the byte stream: the HTTP/2 connection when it is free, else grpcio."""
-        if self.h2 is not None and self._http2_put:
+        if self.h2 is not None and self._http2_put and not self.h2.busy:  # busy: no trip to a thread
             tiers = await h2calls.in_thread(
                 self.h2, self.h2.put, prepared, durable=durable, metadata=self._metadata, timeout_s=self.timeout_s
             )
@@ -416,7 +416,7 @@ class AsyncClient:
     async def _get_stream(self, texts: list[str], into: torch.Tensor | None = None) -> list[Fetched | None]:
         """Get over the byte stream (the HTTP/2 connection when it is free, else grpcio);
         with ``into`` (one key) the payload lands straight in it."""
-        if self.h2 is not None and self._http2_get:
+        if self.h2 is not None and self._http2_get and not self.h2.busy:
             got = await h2calls.in_thread(
                 self.h2, h2calls.get, self.h2, texts, into, frame_bytes=self._frame, metadata=self._metadata,
                 timeout_s=self.timeout_s,

@@ -170,6 +170,12 @@ class H2GetChannel:
             self._watcher.start()
         return conn
 
+    @property
+    def busy(self) -> bool:
+        """Whether a call holds the connection now (a hint, read without the lock: a caller
+        that finds it free may still be turned away, and then takes the other way)."""
+        return self._busy
+
     def abort(self) -> None:
         """End the call in flight (from another thread): its connection is shut down, the
         call returns None soon after, and the next call opens a new connection."""
