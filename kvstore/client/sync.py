@@ -144,13 +144,13 @@ class Client:
 
     @property
     def http2_gets(self) -> int:
-        """Gets served over the HTTP/2 shortcut (the others went through grpcio or shared memory)."""
-        return 0 if self._h2 is None else self._h2.served
+        """Gets served over the HTTP/2 connection (it is the AsyncClient's: its counts)."""
+        return self._aio.http2_gets
 
     @property
     def http2_puts(self) -> int:
-        """Put calls (``put`` or ``put_many``) made over the HTTP/2 shortcut to the daemon's listener."""
-        return 0 if self._h2 is None else self._h2.puts
+        """Put calls (``put`` or ``put_many``) made over the HTTP/2 connection to the daemon's listener."""
+        return self._aio.http2_puts
 
     def put(self, key: KeyLike, value: Value, *, durable: bool = False) -> str:
         tier = self._arena_put(key, value, durable)

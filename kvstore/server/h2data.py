@@ -21,8 +21,9 @@
   :meth:`H2DataReader._feed`);
 * DATA on a stream already answered or reset is ignored;
 * what the streams of one connection hold gathered is bounded
-  (:data:`MAX_BUFFERED`), and what those of all the listener's connections do
-  (:data:`MAX_GATHERED`): the connection that goes past either is closed.
+  (:data:`MAX_BUFFERED`: the connection that goes past it is closed), and what
+  those of all the listener's connections do (:data:`MAX_GATHERED`: past it, the
+  connections holding the most are closed, :meth:`H2DataReader._bound_gathered`).
 """
 
 from __future__ import annotations
