@@ -104,12 +104,16 @@ def to_payload(
 
 
 def to_tensor(meta: ChunkMeta, data: bytes | bytearray | memoryview, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Rebuild the tensor a raw payload holds (shape () with dtype uint8 = plain bytes)."""
+    """Rebuild the tensor a raw payload holds.  Shape () is a 0-d tensor when the
+    payload is one element of a dtype other than uint8; otherwise (plain bytes
+    are uint8 with shape ()) the payload comes back flat."""
     if meta.codec != "raw":
         from kvstore.codecs import decode_chunk  # lazy: codecs pull in heavier code
 
         return decode_chunk(meta, memoryview(data), device=device)  # type: ignore[no-any-return]
     flat = as_uint8_tensor(memoryview(data))
-    shape = meta.shape or (meta.nbytes // DTYPE_SIZES[meta.dtype],)
+    size = DTYPE_SIZES[meta.dtype]
+    scalar = not meta.shape and meta.dtype != "uint8" and meta.nbytes == size
+    shape = meta.shape if meta.shape or scalar else (meta.nbytes // size,)
     t = flat.view(torch_dtype(meta.dtype)).reshape(shape)
     return t.to(device) if torch.device(device).type != "cpu" else t

@@ -165,8 +165,14 @@ def copy_summed(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor |
     n = dst.numel()
     if src.numel() != n:
         raise ValueError(f"copy of {src.numel()} bytes into {n}")
-    d, s = dst.data_ptr(), src.data_ptr()
-    out = _view(dst)
+    return copy_summed_at(dst.data_ptr(), _view(dst), src.data_ptr(), n, pool)
+
+
+def copy_summed_at(d: int, out: memoryview, s: int, n: int, pool: ThreadPoolExecutor | None = None) -> int:
+    """:func:`copy_summed` by address: copy ``n`` bytes from address ``s`` to
+    address ``d``, whose bytes ``out`` is (a byte view, ``n`` long); the
+    checksum of ``out`` as written.  No torch call: the caller has checked
+    that both ranges are ``n`` bytes of memory it holds."""
 
     def copy_leaf(at: int, end: int) -> xxhash.xxh3_64:
         summed = xxhash.xxh3_64()

@@ -277,6 +277,10 @@ class ArenaReader:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
         self._arena_map = mmap.mmap(arena_fd, arena_bytes, prot=prot)
         self.arena = torch.frombuffer(self._arena_map, dtype=torch.uint8)
+        #: The arena's bytes, and the address of the first: what direct writes
+        #: copy into without a torch call per put.
+        self.view = memoryview(self._arena_map)
+        self.base = self.arena.data_ptr()
         self.arena_bytes = arena_bytes
         self.reads = 0
         self.torn = 0

@@ -1,7 +1,7 @@
 """Puts the sync client writes straight into a real daemon's CPU tier memory
 (direct writes: kvstore/client/arena_writes.py, kvstore/server/direct_writes.py).
 
-What must hold: byte-exact values of every dtype and of sizes around the
+What must hold: byte-exact values of every dtype, of views (C order), and of sizes around the
 checksum's pieces and leaves and the split copy, with a checksum that is that of the
 stored bytes; other clients (direct reads, the byte stream) see each put and
 overwrite at once; changing sizes leaks no reserved block; the config switch,
@@ -85,6 +85,28 @@ def test_sizes_around_the_pieces_and_the_split(server: DaemonProcess, size: int)
             meta = c.get_into(k, out)
             assert meta is not None and meta.checksum == checksum(out.numpy().data) and torch.equal(out, data)
         assert c.direct_writes == 3  # the warm-up put too
+
+
+def test_views_are_put_as_their_values_in_c_order(server: DaemonProcess) -> None:
+    """A direct write copies from the tensor's own memory: a slice that starts
+    inside its storage, a transposed and an expanded view (copied to C order
+    first), and a 0-d tensor each store exactly the values they show."""
+    base = torch.arange(4 * 1000, dtype=torch.float32).reshape(4, 1000)
+    views = {
+        "slice": base[1:3],
+        "transposed": base.t(),
+        "expanded": torch.arange(1000, dtype=torch.float16).expand(3, 1000),
+        "scalar": torch.tensor(7.5, dtype=torch.float64),
+    }
+    with kvstore.Client(server.address) as c, kvstore.Client(server.address, shm=False) as stream:
+        for i, (name, t) in enumerate(views.items()):
+            k = key(i, model=f"views-{name}")
+            assert c.put(k, t) == "cpu"
+            got = stream.get(k)
+            assert got is not None, name
+            back = got.tensor()
+            assert back.shape == t.shape and back.dtype == t.dtype and torch.equal(back, t), name
+        assert c.direct_writes == len(views)
 
 
 def test_bytes_and_overwrites_are_seen_by_other_clients_at_once(server: DaemonProcess) -> None:

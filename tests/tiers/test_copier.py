@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -199,12 +200,18 @@ def test_copy_summed_is_exact_and_sums_what_it_wrote(pool: ThreadPoolExecutor, n
 
 def test_copy_summed_shares_the_leaves_with_the_pool(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool's thread takes leaves from the end while the caller takes them from the start
-    (seen by which threads make the real xxh3 hashers)."""
+    (seen by which threads make the real xxh3 hashers).  The caller dawdles over
+    each leaf, so a loaded machine that is slow to start the pool's thread
+    does not see the caller take every leaf before it runs."""
     threads: set[str] = set()
     real = xxhash.xxh3_64
+    caller = threading.current_thread().name
 
     def spy() -> xxhash.xxh3_64:
-        threads.add(threading.current_thread().name)
+        name = threading.current_thread().name
+        threads.add(name)
+        if name == caller:
+            time.sleep(0.005)
         return real()
 
     src, dst = buffers(32 * MiB, seed=8)
