@@ -4,7 +4,10 @@ When the daemon maps its CPU tier's arena writable into this client, a put of
 CPU tensors is: copy each into a block the daemon reserved for this
 connection, checksumming each piece as it is copied
 (:func:`kvstore.tiers.copier.copy_summed_at`), then one ``W`` request that hands
-the blocks over and reserves the next ones, of the same sizes.  A batch
+the blocks over and reserves the next ones, of the same sizes.  A daemon that
+offers it (``ArenaReader.sums_follow``) gets the ``W`` first and the
+checksums after the copies, in an ``S`` message: it checks the request and
+reserves the next blocks while the client copies.  A batch
 (``put_many``) goes in groups of at most :data:`MAX_HELD` chunks and
 :data:`GROUP_BYTES` bytes, one request each.  A group that the blocks held
 do not fit first reserves what it needs (one more round trip), giving back
@@ -17,13 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 
 from kvstore.chunk import Chunk, ChunkMeta
 from kvstore.client.payload import Value, dtype_name, to_payload
 from kvstore.errors import CapacityError, InvalidArgument
-from kvstore.server.direct_writes import MAX_HELD
+from kvstore.server.direct_writes import MAX_HELD, SUMS
 from kvstore.server.messages import meta_to_pb
 from kvstore.tiers.copier import SPLIT_SUMMED, copy_summed_at
 from kvstore.tiers.memory import as_uint8_tensor
@@ -37,8 +41,16 @@ MAX_MICROS = (1 << 32) - 1
 #: the round trip is a small share of the copies.
 GROUP_BYTES = 64 << 20
 
-#: Sends an ``ArenaPutRequest`` on the control channel; the reply, or raises the daemon's error.
-Call = Callable[[pb.ArenaPutRequest], pb.ArenaPutReply]
+#: The copies of a request sent with ``checksums_follow``: the body of the
+#: message that follows it (:data:`~kvstore.server.direct_writes.SUMS` per item).
+Then = Callable[[], bytes]
+
+
+class Call(Protocol):
+    """Sends an ``ArenaPutRequest`` on the control channel (then, with ``then``, the
+    checksums it returns); the reply, or raises the daemon's error."""
+
+    def __call__(self, request: pb.ArenaPutRequest, then: Then | None = None, /) -> pb.ArenaPutReply: ...
 
 #: A chunk to put: key text, metadata (without a checksum yet), payload (a
 #: contiguous CPU tensor of ``meta.nbytes`` bytes).
@@ -73,43 +85,58 @@ class ArenaWrites:
     def _put_group(self, call: Call, group: Sequence[Item], durable: bool) -> list[str | None]:
         sizes = [meta.nbytes for _, meta, _ in group]
         blocks = self._claim(call, sizes)
-        sent: list[tuple[int, pb.ArenaPutItem]] = []  # (index in group, item)
-        try:
-            for i, ((key_text, meta, payload), off) in enumerate(zip(group, blocks, strict=True)):
-                if off is not None:
-                    sent.append((i, self._write(key_text, meta, payload, off)))
-        except BaseException:
-            self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
-            raise
+        todo = [(i, item, off) for i, (item, off) in enumerate(zip(group, blocks, strict=True)) if off is not None]
         out: list[str | None] = [None] * len(group)
-        if not sent:
+        if not todo:
             return out
-        request = pb.ArenaPutRequest(
-            items=[item for _, item in sent], durable=durable, release=self._take_doubtful(),
-            reserve=[n for n in sizes if n <= self._arena.arena_bytes],
-        )
-        try:
-            reply = call(request)
-        except BaseException:
-            self._doubtful.extend(item.offset for _, item in sent)
-            raise
+        for _, (_, meta, _), off in todo:
+            if off + meta.nbytes > self._arena.arena_bytes:
+                self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
+                raise InvalidArgument(f"the daemon reserved a block at {off} past the end of its arena")
+        reserve = [n for n in sizes if n <= self._arena.arena_bytes]
+        if self._arena.sums_follow:
+            # The request first, the copies meanwhile, their checksums after.
+            request = pb.ArenaPutRequest(
+                items=[pb.ArenaPutItem(key=text, meta=meta_to_pb(meta), offset=off) for _, (text, meta, _), off in todo],
+                durable=durable, release=self._take_doubtful(), reserve=reserve, checksums_follow=True,
+            )
+
+            def copies() -> bytes:
+                return b"".join(SUMS.pack(*self._copy(off, payload, meta.nbytes)) for _, (_, meta, payload), off in todo)
+
+            reply = self._send(call, request, copies)
+        else:
+            items = []
+            try:
+                for _, (text, meta, payload), off in todo:
+                    summed, micros = self._copy(off, payload, meta.nbytes)
+                    item = pb.ArenaPutItem(key=text, meta=meta_to_pb(meta), offset=off, micros=micros)
+                    item.meta.checksum = summed
+                    items.append(item)
+            except BaseException:
+                self._blocks.extend((off, n) for off, n in zip(blocks, sizes, strict=True) if off is not None)
+                raise
+            request = pb.ArenaPutRequest(items=items, durable=durable, release=self._take_doubtful(), reserve=reserve)
+            reply = self._send(call, request, None)
         self._blocks.extend(zip(reply.reserved, request.reserve, strict=False))
-        self.count += len(sent)
-        for (i, _), result in zip(sent, reply.results, strict=True):
+        self.count += len(todo)
+        for (i, _, _), result in zip(todo, reply.results, strict=True):
             out[i] = result.tier
         return out
 
-    def _write(self, key_text: str, meta: ChunkMeta, payload: torch.Tensor, off: int) -> pb.ArenaPutItem:
-        """Copy ``payload`` into the block at ``off``; the item that hands it over."""
-        n = meta.nbytes
-        if off + n > self._arena.arena_bytes:
-            raise InvalidArgument(f"the daemon reserved a block at {off} past the end of its arena")
+    def _send(self, call: Call, request: pb.ArenaPutRequest, then: Then | None) -> pb.ArenaPutReply:
+        try:
+            return call(request, then)
+        except BaseException:
+            self._doubtful.extend(item.offset for item in request.items)
+            raise
+
+    def _copy(self, off: int, payload: torch.Tensor, n: int) -> tuple[int, int]:
+        """Copy ``payload`` (``n`` bytes) into the block at ``off``: its checksum, and
+        the microseconds the copy took."""
         started = time.perf_counter()
         summed = copy_summed_at(self._arena.base + off, self._arena.view[off : off + n], payload.data_ptr(), n, self._helper(n))
-        micros = min(int((time.perf_counter() - started) * 1e6), MAX_MICROS)
-        item = pb.ArenaPutItem(key=key_text, meta=meta_to_pb(meta), offset=off, micros=micros)
-        item.meta.checksum = summed
-        return item
+        return summed, min(int((time.perf_counter() - started) * 1e6), MAX_MICROS)
 
     def _claim(self, call: Call, sizes: list[int]) -> list[int | None]:
         """A block held for each size, taken out of :attr:`_blocks`; the sizes

@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ from kvstore.server.shm_channel import (
     KIND_ERROR,
     KIND_HELLO,
     KIND_OK,
+    KIND_SUMS,
     KIND_TOUCHED,
     KIND_WRITE,
     MAX_BODY,
@@ -94,9 +95,12 @@ class BlockingControlChannel:
         finally:
             self._lock.release()
 
-    def _call(self, kind: int, body: bytes) -> bytes:
+    def _call(self, kind: int, body: bytes, then: Callable[[], bytes] | None = None) -> bytes:
+        """Send a request (then, with ``then``, the ``S`` message of what it returns) and read the reply."""
         try:
             self._sock.sendall(encode(kind, body))
+            if then is not None:
+                self._sock.sendall(encode(KIND_SUMS, then()))
             length, reply_kind = HEADER.unpack(self._recv(HEADER.size))
             if not 1 <= length <= MAX_BODY + 1:
                 raise ConnectionError(f"daemon sent a control message of {length} bytes")
@@ -169,8 +173,8 @@ class BlockingControlChannel:
         finally:
             self._lock.release()
 
-    def _arena_call(self, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
-        return pb.ArenaPutReply.FromString(self._call(KIND_WRITE, request.SerializeToString()))
+    def _arena_call(self, request: pb.ArenaPutRequest, then: Callable[[], bytes] | None = None, /) -> pb.ArenaPutReply:
+        return pb.ArenaPutReply.FromString(self._call(KIND_WRITE, request.SerializeToString(), then))
 
     @property
     def direct_writes(self) -> int:

@@ -48,12 +48,14 @@ write-through then fails) names it there in its next request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from kvstore.chunk import ChunkMeta
-from kvstore.errors import CapacityError, Closed, InvalidArgument
+from kvstore.errors import CapacityError, Closed, InvalidArgument, KVStoreError
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal
@@ -69,6 +71,32 @@ MAX_HELD = 8
 
 #: A connection's reserved blocks: offset -> bytes.
 Held = dict[int, int]
+
+#: An item to store: key, metadata, the offset of its block.
+Item = tuple[ChunkKey, ChunkMeta, int]
+
+#: A direct write's checksum and the microseconds its copy took, per item, in
+#: the message after an ``ArenaPutRequest`` with ``checksums_follow``.
+SUMS = struct.Struct("<QI")
+
+#: Reads those checksums (the next message's body).
+Sums = Callable[[], Awaitable[bytes]]
+
+
+def _with_sums(items: list[Item], body: bytes) -> tuple[list[Item], float]:
+    """The items with their checksums from ``body``; the seconds the copies took."""
+    if len(body) != SUMS.size * len(items):
+        raise InvalidArgument(
+            f"checksums: {len(body)} bytes for {len(items)} items; expected {SUMS.size} per item "
+            "(u64 checksum, u32 microseconds)"
+        )
+    out: list[Item] = []
+    micros = 0
+    for i, (key, meta, off) in enumerate(items):
+        summed, took = SUMS.unpack_from(body, i * SUMS.size)
+        out.append((key, dataclasses.replace(meta, checksum=summed), off))
+        micros += took
+    return out, micros / 1e6
 
 
 class DirectWrites:
@@ -104,22 +132,62 @@ class DirectWrites:
         if why is not None:
             raise FailedPrecondition(f"direct writes are off: {why}")
 
-    async def put(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> pb.ArenaPutReply:
+    async def put(
+        self, request: pb.ArenaPutRequest, principal: Principal, held: Held, sums: Sums | None = None
+    ) -> pb.ArenaPutReply:
         """Give back ``request.release``, store ``request.items`` (blocks in ``held``),
-        then reserve blocks of ``request.reserve`` bytes; ``held`` follows."""
-        self.refuse()
-        items = self._check(request, principal, held)
+        then reserve blocks of ``request.reserve`` bytes; ``held`` follows.
+
+        With ``request.checksums_follow``, ``sums`` reads the items' checksums
+        (:data:`SUMS` each), which the client sends once it has written the
+        blocks: meanwhile this checks the request, makes room for the tenants'
+        quotas and reserves the next blocks, and stores nothing before they
+        come.  They are read also when the request is refused."""
+        if request.checksums_follow and sums is None:
+            raise InvalidArgument("checksums_follow: this channel cannot carry the checksums")
+        sums = sums if request.checksums_follow else None
+        try:
+            self.refuse()
+            items = self._check(request, principal, held)
+        except KVStoreError:
+            if sums is not None:
+                await sums()  # the client sends them anyway: stay in step
+            raise
         for off in request.release:
             if held.pop(off, None) is not None:
                 self._store.release(off)
+        reply = pb.ArenaPutReply()
+        keys = [key for key, _, _ in items]
+        if sums is None:
+            copying = sum(i.micros for i in request.items) / 1e6  # the clients' copies, told
+            reply.results.extend(await self._store_items(items, request.durable, held, copying, quotas=True))
+            await self._reserve_into(reply, request.reserve, held, keys)
+            return reply
+        try:
+            for key, meta, _ in items:
+                await self._limits.quotas.make_room_for_tenant(key, meta.nbytes)
+            # Reserved ahead of the items' adoption: their blocks do not count against the share.
+            adopting = sum(meta.nbytes for _, meta, _ in items)
+            await self._reserve_into(reply, request.reserve, held, keys, adopting)
+            items, copying = _with_sums(items, await sums())
+        except BaseException:
+            self._give_back(reply, held)  # the client never learns of them
+            raise
+        reply.results.extend(await self._store_items(items, request.durable, held, copying, quotas=False))
+        return reply
+
+    async def _store_items(
+        self, items: list[Item], durable: bool, held: Held, copying: float, *, quotas: bool
+    ) -> list[pb.PutResult]:
+        """Make each item's block its key's chunk; ``copying``: the seconds the client's copies took."""
         started = time.perf_counter()
         results = []
         written: list[tuple[ChunkKey, str, int]] = []
-        copying = sum(i.micros for i in request.items) / 1e6  # the clients' copies, told
         for key, meta, off in items:
-            await self._limits.quotas.make_room_for_tenant(key, meta.nbytes)
+            if quotas:
+                await self._limits.quotas.make_room_for_tenant(key, meta.nbytes)
             tier = await self._store.put_reserved(
-                key, off, meta, durable=request.durable,
+                key, off, meta, durable=durable,
                 adopted=functools.partial(held.pop, off),  # the chunk's block from then on
             )
             results.append(pb.PutResult(key=str(key), tier=tier))
@@ -127,27 +195,38 @@ class DirectWrites:
         if written:
             self._metrics.record_writes(written, copying + time.perf_counter() - started)
             self._metrics.direct_writes += len(written)
-        reply = pb.ArenaPutReply(results=results)
-        stored = [key for key, _, _ in items]
-        for nbytes in request.reserve:
+        return results
+
+    async def _reserve_into(
+        self, reply: pb.ArenaPutReply, sizes: Sequence[int], held: Held, keep: list[ChunkKey], adopting: int = 0
+    ) -> None:
+        """Reserve a block of each size into ``reply.reserved`` and ``held``.  Ahead
+        of a put (``keep``: its keys), only what evicts none of them (a prefix);
+        alone, all or none (and the error).  ``adopting``: bytes of blocks still
+        reserved that are about to hold chunks."""
+        for nbytes in sizes:
             try:
-                off = await self._reserve(nbytes, stored)
+                off = await self._reserve(nbytes, keep, adopting)
             except CapacityError:
-                if stored:
-                    break  # ahead of a put: only what evicts nothing just stored
-                for given in reply.reserved:  # alone: all or none
-                    del held[given]
-                    self._store.release(given)
+                if keep:
+                    break
+                self._give_back(reply, held)
                 raise
             held[off] = nbytes
             reply.reserved.append(off)
-        return reply
 
-    async def _reserve(self, nbytes: int, stored: list[ChunkKey]) -> int:
+    def _give_back(self, reply: pb.ArenaPutReply, held: Held) -> None:
+        """Give back the blocks reserved into ``reply``."""
+        for given in reply.reserved:
+            del held[given]
+            self._store.release(given)
+        del reply.reserved[:]
+
+    async def _reserve(self, nbytes: int, stored: list[ChunkKey], adopting: int = 0) -> int:
         tier = self._store.writable_tier()
         if tier is not None and nbytes <= tier.capacity_bytes:  # else the store says it cannot fit
             bound = int(tier.capacity_bytes * self._reserved_share)
-            if tier.reserved_bytes + nbytes > bound:
+            if tier.reserved_bytes - adopting + nbytes > bound:
                 raise CapacityError(
                     f"reserve: {nbytes} more bytes would put the blocks reserved by all clients over "
                     f"{self._reserved_share:g} of the tier's capacity ({bound} bytes, server.shm_reserved_share); "
@@ -155,9 +234,7 @@ class DirectWrites:
                 )
         return await self._store.reserve(nbytes, keep=stored)
 
-    def _check(
-        self, request: pb.ArenaPutRequest, principal: Principal, held: Held
-    ) -> list[tuple[ChunkKey, ChunkMeta, int]]:
+    def _check(self, request: pb.ArenaPutRequest, principal: Principal, held: Held) -> list[Item]:
         if len(request.items) > self._max_batch:
             raise InvalidArgument(f"{len(request.items)} items in one request; at most {self._max_batch}")
         released = {off for off in request.release if off in held}

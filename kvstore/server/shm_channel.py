@@ -30,7 +30,16 @@ where ``length`` counts kind + body.
   are read-only.
 * ``W`` body ``ArenaPutRequest`` -> ``O`` body ``ArenaPutReply``: direct
   writes (kvstore/server/direct_writes.py).  Blocks the connection reserved
-  go back to the tier when it ends.
+  go back to the tier when it ends.  With ``checksums_follow`` (offered with
+  attach flag bit 1), the client sends ``W`` before it writes the blocks, then
+  ``S``, and the reply comes after the ``S``:
+* ``S`` sums, only right after such a ``W``: for each of its items, in order,
+  ``u64 checksum | u32 microseconds the copy took`` (little-endian,
+  ``direct_writes.SUMS``).  The daemon checks the
+  ``W`` and reserves the next blocks while the client copies, and stores
+  nothing before the ``S``.  It reads the ``S`` also when it refuses the ``W``,
+  so the two stay in step; any other message in its place gets an ``E`` reply
+  and the connection is closed, as does an end of stream (nothing stored).
 * ``T`` touched, no reply: the keys a client read from the shared arena,
   each ``u32 microseconds | u16 length | key (utf-8)``, so that eviction
   order and read metrics count them.  A malformed one closes the connection.
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -62,7 +72,7 @@ from google.protobuf.message import DecodeError
 
 from kvstore.errors import Closed, InvalidArgument, KVStoreError
 from kvstore.server.auth import Principal
-from kvstore.server.direct_writes import DirectWrites, Held
+from kvstore.server.direct_writes import DirectWrites, Held, Sums
 from kvstore.tiers.shared_arena import DESCRIPTION, WRITABLE
 from kvstore.server.shm import NONCE_BYTES, FailedPrecondition, Segment
 from kvstore.v1 import kvstore_pb2 as pb
@@ -81,6 +91,7 @@ KIND_GET = ord("G")
 KIND_ATTACH = ord("A")
 KIND_WRITE = ord("W")
 KIND_TOUCHED = ord("T")
+KIND_SUMS = ord("S")
 KIND_OK = ord("O")
 KIND_ERROR = ord("E")
 
@@ -215,11 +226,12 @@ class ShmChannel:
                         principal = self._hello(kind, body)
                         reply = b""
                     else:
-                        reply = await self._request(kind, body, principal, held if writable else None)
+                        follow = functools.partial(_sums, reader)
+                        reply = await self._request(kind, body, principal, held if writable else None, follow)
                     writer.write(encode(KIND_OK, reply))
                 except KVStoreError as exc:
                     writer.write(encode_error(exc))
-                    if principal is None or kind not in _METHODS:
+                    if principal is None or kind not in _METHODS or isinstance(exc, OutOfStep):
                         return
                 finally:
                     self._busy -= 1
@@ -286,14 +298,16 @@ class ShmChannel:
         seg_id, nonce = HELLO.unpack(body)
         return self._authenticate(seg_id, nonce).principal
 
-    async def _request(self, kind: int, body: bytes, principal: Principal, held: Held | None) -> bytes:
+    async def _request(
+        self, kind: int, body: bytes, principal: Principal, held: Held | None, follow: Sums
+    ) -> bytes:
         method = _METHODS.get(kind)
         if self._observe is None or method is None:
-            return await self._serve_request(kind, body, principal, held)
+            return await self._serve_request(kind, body, principal, held, follow)
         t0 = time.perf_counter()
         code = "UNKNOWN"
         try:
-            reply = await self._serve_request(kind, body, principal, held)
+            reply = await self._serve_request(kind, body, principal, held, follow)
             code = "OK"
             return reply
         except KVStoreError as exc:
@@ -302,15 +316,25 @@ class ShmChannel:
         finally:
             self._observe(method, time.perf_counter() - t0, code)
 
-    async def _serve_request(self, kind: int, body: bytes, principal: Principal, held: Held | None) -> bytes:
-        """``held``: the connection's reserved blocks; None until an attach got the arena writable."""
+    async def _serve_request(
+        self, kind: int, body: bytes, principal: Principal, held: Held | None, follow: Sums
+    ) -> bytes:
+        """``held``: the connection's reserved blocks; None until an attach got the arena
+        writable.  ``follow``: the next message's body, an ``S`` (a W's checksums)."""
         if kind == KIND_WRITE:
-            if self._writes is None:
-                raise FailedPrecondition("this daemon takes no direct writes")
-            if held is None:
-                self._writes.refuse()  # says why, when they are not offered at all
-                raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
-            wrote = await self._writes.put(_parse(pb.ArenaPutRequest, body), principal, held)
+            request = _parse(pb.ArenaPutRequest, body)
+            sums = follow if request.checksums_follow else None
+            try:
+                if self._writes is None:
+                    raise FailedPrecondition("this daemon takes no direct writes")
+                if held is None:
+                    self._writes.refuse()  # says why, when they are not offered at all
+                    raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
+            except KVStoreError:
+                if sums is not None:
+                    await sums()  # the client sends them anyway: stay in step
+                raise
+            wrote = await self._writes.put(request, principal, held, sums)
             return wrote.SerializeToString()
         if kind == KIND_PUT:
             put = await self._put(_parse(pb.ShmPutRequest, body), principal)
@@ -336,6 +360,24 @@ async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
         return kind, await reader.readexactly(length - 1)
     except asyncio.IncompleteReadError:
         return None
+
+
+class OutOfStep(InvalidArgument):
+    """The client sent something else where the daemon waited for an ``S``: the
+    connection is closed after the error reply."""
+
+
+async def _sums(reader: asyncio.StreamReader) -> bytes:
+    try:
+        msg = await _read(reader)
+    except InvalidArgument as exc:
+        raise OutOfStep(str(exc)) from None
+    if msg is None:
+        raise ConnectionError("the client went away before sending its checksums")
+    kind, body = msg
+    if kind != KIND_SUMS:
+        raise OutOfStep(f"message kind {kind} where the checksums (S) of the write before it were due")
+    return body
 
 
 M = TypeVar("M", pb.ShmPutRequest, pb.ShmGetRequest, pb.ArenaPutRequest)

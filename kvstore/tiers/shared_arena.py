@@ -83,6 +83,9 @@ _SLOT_CACHE = 1 << 16
 DESCRIPTION = struct.Struct("<QQQ")
 #: Flag: the arena's descriptor is writable (direct writes).
 WRITABLE = 1
+#: Flag: the daemon takes a direct write's checksums after its request
+#: (``ArenaPutRequest.checksums_follow``, kvstore/server/shm_channel.py).
+SUMS_FOLLOW = 2
 
 
 def _madvise(addr: int, length: int, advice: int) -> int:
@@ -225,8 +228,9 @@ class SharedArena:
 
     def describe(self, *, writable: bool = False) -> bytes:
         """What a client needs besides the descriptors: the two sizes, and flags
-        (:data:`WRITABLE`: the arena's descriptor is writable)."""
-        return DESCRIPTION.pack(self.arena_bytes, self.index_bytes, WRITABLE if writable else 0)
+        (:data:`WRITABLE`: the arena's descriptor is writable, with
+        :data:`SUMS_FOLLOW`)."""
+        return DESCRIPTION.pack(self.arena_bytes, self.index_bytes, WRITABLE | SUMS_FOLLOW if writable else 0)
 
     def close(self) -> None:
         """Mark the index closed (clients stop reading) and drop the daemon's mappings."""
@@ -262,6 +266,8 @@ class ArenaReader:
         arena_bytes, index_bytes, flags = DESCRIPTION.unpack(description)
         #: Whether this client may write chunks into the arena (direct writes).
         self.writable = bool(flags & WRITABLE)
+        #: Whether a direct write may send its checksums after its request (:data:`SUMS_FOLLOW`).
+        self.sums_follow = self.writable and bool(flags & SUMS_FOLLOW)
         for fd, n, what in ((arena_fd, arena_bytes, "arena"), (index_fd, index_bytes, "index")):
             if os.fstat(fd).st_size != n:
                 raise InvalidArgument(f"shared {what} is {os.fstat(fd).st_size} bytes, the daemon said {n}")

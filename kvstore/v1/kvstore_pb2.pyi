@@ -227,16 +227,18 @@ class ArenaPutItem(_message.Message):
     def __init__(self, key: _Optional[str] = ..., meta: _Optional[_Union[ChunkMeta, _Mapping]] = ..., offset: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class ArenaPutRequest(_message.Message):
-    __slots__ = ("items", "durable", "reserve", "release")
+    __slots__ = ("items", "durable", "reserve", "release", "checksums_follow")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ArenaPutItem]
     durable: bool
     reserve: _containers.RepeatedScalarFieldContainer[int]
     release: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, items: _Optional[_Iterable[_Union[ArenaPutItem, _Mapping]]] = ..., durable: _Optional[bool] = ..., reserve: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+    checksums_follow: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ArenaPutItem, _Mapping]]] = ..., durable: _Optional[bool] = ..., reserve: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ..., checksums_follow: _Optional[bool] = ...) -> None: ...
 
 class ArenaPutReply(_message.Message):
     __slots__ = ("results", "reserved")

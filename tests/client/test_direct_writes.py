@@ -27,7 +27,7 @@ import kvstore
 from kvstore.admin.client import AdminClient
 from kvstore.chunk import SUM_LEAF, Chunk, ChunkMeta, checksum
 from kvstore.client import blocking_channel
-from kvstore.client.arena_writes import GROUP_BYTES
+from kvstore.client.arena_writes import GROUP_BYTES, Then
 from kvstore.server.direct_writes import MAX_HELD
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.v1 import kvstore_pb2 as pb
@@ -85,6 +85,27 @@ def test_sizes_around_the_pieces_and_the_split(server: DaemonProcess, size: int)
             meta = c.get_into(k, out)
             assert meta is not None and meta.checksum == checksum(out.numpy().data) and torch.equal(out, data)
         assert c.direct_writes == 3  # the warm-up put too
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["checksums-follow", "checksums-inline"])
+def test_both_ways_of_sending_the_checksums(server: DaemonProcess, follow: bool) -> None:
+    """A daemon that offers SUMS_FOLLOW gets the request before the copies and
+    their checksums after; one that does not (an older release) gets them in
+    the request.  Both store every chunk of a batch byte-exact."""
+    g = torch.Generator().manual_seed(int(follow))
+    values = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in (1, 5000, SUM_LEAF + 3)]
+    keys = [key(i, model=f"sums-{follow}") for i in range(len(values))]
+    with kvstore.Client(server.address) as c, kvstore.Client(server.address, shm=False) as stream:
+        c.put(key(99, model=f"sums-{follow}"), b"attach")
+        arena = c._blocking.arena if c._blocking is not None else None
+        assert arena is not None and arena.sums_follow
+        arena.sums_follow = follow
+        assert c.put_many(list(zip(keys, values, strict=True))) == ["cpu"] * len(values)
+        assert c.direct_writes == 1 + len(values)
+        for k, v in zip(keys, values, strict=True):
+            got = stream.get(k)
+            assert got is not None and got.meta.checksum == checksum(got.data)
+            assert bytes(got.data) == v.numpy().tobytes()
 
 
 def test_views_are_put_as_their_values_in_c_order(server: DaemonProcess) -> None:
@@ -227,12 +248,14 @@ def test_a_group_refused_mid_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     sent: list[int] = []
     call = blocking_channel.BlockingControlChannel._arena_call
 
-    def spoils_the_second(self: blocking_channel.BlockingControlChannel, request: pb.ArenaPutRequest) -> pb.ArenaPutReply:
+    def spoils_the_second(
+        self: blocking_channel.BlockingControlChannel, request: pb.ArenaPutRequest, then: Then | None = None
+    ) -> pb.ArenaPutReply:
         if request.items:
             sent.append(len(request.items))
             if len(sent) == 2:
                 request.items[0].key = "not/a/key"
-        return call(self, request)
+        return call(self, request, then)
 
     n = 2 * MAX_HELD
     g = torch.Generator().manual_seed(9)

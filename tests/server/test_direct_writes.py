@@ -2,7 +2,9 @@
 control channel's wire format with a plain socket: what a client never sends
 (blocks it does not hold, sizes that do not match, too many reservations,
 malformed requests), what the daemon offers to whom, and where reserved
-blocks go when a connection ends.
+blocks go when a connection ends; requests whose checksums follow them (an
+``S`` message): nothing stored before it, a refused request or a bad ``S``
+leaves the connection in step or closes it, and nothing leaks.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import pytest
 
 from kvstore.admin.client import AdminClient
 from kvstore.chunk import checksum
-from kvstore.server.direct_writes import MAX_HELD
-from kvstore.server.shm_channel import HEADER, KIND_ATTACH, KIND_OK, KIND_WRITE
-from kvstore.tiers.shared_arena import DESCRIPTION, SUPPORTED, WRITABLE
+from kvstore.server.direct_writes import MAX_HELD, SUMS
+from kvstore.server.shm_channel import HEADER, KIND_ATTACH, KIND_GET, KIND_OK, KIND_SUMS, KIND_WRITE
+from kvstore.tiers.shared_arena import DESCRIPTION, SUMS_FOLLOW, SUPPORTED, WRITABLE
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, blob, channel, key, stub
-from tests.server.test_shm_channel import Registered, call, error_of, is_closed
+from tests.server.test_shm_channel import Registered, call, error_of, is_closed, read
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
 from tests.test_metrics import free_port, scrape
 
@@ -53,6 +55,18 @@ class Writer:
         kind, body = self.request(**fields)
         assert kind == KIND_OK, error_of((kind, body))
         return pb.ArenaPutReply.FromString(body)
+
+    def send(self, kind: int, body: bytes) -> None:
+        self.sock.sendall(HEADER.pack(len(body) + 1, kind) + body)
+
+    def follow(self, **fields: object) -> None:
+        """Send a request with ``checksums_follow`` (its reply comes after the S)."""
+        self.send(KIND_WRITE, pb.ArenaPutRequest(**fields, checksums_follow=True).SerializeToString())
+
+    def sums(self, *blocks: bytes) -> tuple[int, bytes]:
+        """Send the S of the request before (the checksums of ``blocks``); its reply."""
+        self.send(KIND_SUMS, b"".join(SUMS.pack(checksum(b), 7) for b in blocks))
+        return read(self.sock)
 
     def reserve(self, n: int) -> int:
         reply = self.ok(reserve=[n])
@@ -149,6 +163,92 @@ def test_requests_naming_blocks_not_held_store_nothing(daemon: DaemonProcess, wr
     assert get(daemon.address, k) == data
     # ... and is the chunk's now: a second put into it is refused.
     assert "holds no block" in error_of(writer.request(items=[item(key(5, model="dw"), data, off)]))[1]
+
+
+def test_checksums_that_follow_the_request(daemon: DaemonProcess, writer: Writer) -> None:
+    """The request goes first; the block is written after it (the daemon has
+    not read it yet), then the S: the chunk is the bytes written, with the
+    checksum of the S, and the reply reserves the next block."""
+    assert writer.flags & SUMS_FOLLOW
+    data = blob(11, 300_000)
+    off = writer.reserve(len(data))
+    k = key(11, model="dw-follow")
+    writer.follow(items=[pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(nbytes=len(data)), offset=off)], reserve=[len(data)])
+    writer.write(off, data)
+    assert get(daemon.address, k) is None  # nothing stored before the S
+    kind, body = writer.sums(data)
+    assert kind == KIND_OK, error_of((kind, body))
+    reply = pb.ArenaPutReply.FromString(body)
+    assert [r.tier for r in reply.results] == ["cpu"] and len(reply.reserved) == 1
+    assert get(daemon.address, k) == data
+    writer.ok(release=list(reply.reserved))
+
+
+def test_a_refused_request_still_takes_its_checksums(daemon: DaemonProcess, writer: Writer) -> None:
+    """A bad request whose checksums follow is answered after its S, so the
+    connection stays in step; nothing is stored and the block stays held."""
+    data = blob(12, 4096)
+    off = writer.reserve(len(data))
+    writer.write(off, data)
+    k = key(12, model="dw-follow")
+    before = used(daemon.address)
+    for bad_key in ("not a key", k):
+        fields = dict(items=[pb.ArenaPutItem(key=bad_key, meta=pb.ChunkMeta(nbytes=len(data) + 1), offset=off)],
+                      reserve=[4096])
+        writer.follow(**fields)
+        status, message = error_of(writer.sums(data))
+        assert status == "INVALID_ARGUMENT" and ("key" in message or "differs from the block" in message), message
+        assert get(daemon.address, k) is None and used(daemon.address) == before  # no block reserved ahead either
+    writer.follow(items=[pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(nbytes=len(data)), offset=off)])
+    assert writer.sums(data)[0] == KIND_OK
+    assert get(daemon.address, k) == data
+
+
+def test_checksums_of_the_wrong_length_store_nothing(daemon: DaemonProcess, writer: Writer) -> None:
+    """An S that does not have one checksum per item: INVALID_ARGUMENT, nothing
+    stored, the blocks reserved ahead given back, the item's block still held."""
+    data = blob(13, 8192)
+    off = writer.reserve(len(data))
+    writer.write(off, data)
+    k = key(13, model="dw-follow")
+    before = used(daemon.address)
+    request = dict(items=[pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(nbytes=len(data)), offset=off)], reserve=[MiB, MiB])
+    writer.follow(**request)
+    status, message = error_of(writer.sums(data, data))
+    assert status == "INVALID_ARGUMENT" and f"expected {SUMS.size} per item" in message
+    assert get(daemon.address, k) is None and used(daemon.address) == before
+    writer.follow(**request)
+    kind, body = writer.sums(data)
+    assert kind == KIND_OK and get(daemon.address, k) == data
+    writer.ok(release=list(pb.ArenaPutReply.FromString(body).reserved))
+
+
+@pytest.mark.parametrize("instead", ["another request", "the end of the stream"])
+def test_no_checksums_closes_the_connection_and_stores_nothing(daemon: DaemonProcess, instead: str) -> None:
+    """Where the S is due, another message gets an error and the connection is
+    closed; so does an end of stream: nothing stored, every block given back."""
+    before = used(daemon.address)
+    w = Writer(daemon.address)
+    data = blob(14, 8192)
+    k = key(14, model=f"dw-follow-{instead[:3]}")
+    try:
+        off = w.reserve(len(data))
+        w.write(off, data)
+        w.follow(items=[pb.ArenaPutItem(key=k, meta=pb.ChunkMeta(nbytes=len(data)), offset=off)], reserve=[MiB])
+        if instead == "another request":
+            w.send(KIND_GET, b"")
+            status, message = error_of(read(w.sock))
+            assert status == "INVALID_ARGUMENT" and "checksums (S)" in message
+            assert is_closed(w.sock)
+        else:
+            w.sock.shutdown(socket.SHUT_WR)
+            assert is_closed(w.sock)
+    finally:
+        w.close()
+    deadline = time.monotonic() + 10
+    while used(daemon.address) != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert used(daemon.address) == before and get(daemon.address, k) is None
 
 
 def test_undecodable_requests_get_an_error_and_the_daemon_serves_on(daemon: DaemonProcess, writer: Writer) -> None:
