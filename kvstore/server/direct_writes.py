@@ -20,6 +20,13 @@ only that would make room, the reply reserves fewer (a prefix of what was
 asked, maybe none) and the next put reserves the rest first (a second round
 trip), as in a tier that holds one chunk.
 
+A client may also send the request *before* it writes the blocks
+(``checksums_follow``, when the attach reply carries ``SUMS_FOLLOW``) and
+their checksums after, in an ``S`` message (:data:`SUMS` per item): the
+daemon checks the request, makes room for tenant quotas and reserves the
+next blocks during the client's copies, and stores the chunks when the
+checksums come (kvstore/server/shm_channel.py has the wire format).
+
 What the daemon trusts: the checksum is the client's, computed over the
 block after writing it; the daemon does not read the block again.  That is
 the trust direct reads already place in local clients (the arena holds every
@@ -219,7 +226,8 @@ class DirectWrites:
         """Give back the blocks reserved into ``reply``."""
         for given in reply.reserved:
             del held[given]
-            self._store.release(given)
+            with contextlib.suppress(Closed):  # the store closed first: nothing to give back to
+                self._store.release(given)
         del reply.reserved[:]
 
     async def _reserve(self, nbytes: int, stored: list[ChunkKey], adopting: int = 0) -> int:
