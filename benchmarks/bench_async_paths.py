@@ -17,39 +17,27 @@ ratios of the HTTP/2 client's to grpcio's and to Redis's.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
 
-import torch
-
-from kvstore.bench.peer_redis import redis_reference
+from kvstore.bench.paths import MiB, Rounds, parse_run
+from kvstore.bench.peers import PeerResult
 from kvstore.bench.runner import spawn_daemon
 from kvstore.client import AsyncClient
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 
-MiB = 1 << 20
-SLOTS = 8
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1,4,16,32", help="value sizes in MiB")
-    ap.add_argument("--rounds", type=int, default=40, help="puts per client and size (fewer above 4 MiB)")
-    a = ap.parse_args()
-    torch.set_num_threads(1)  # like the clients of kvstore bench
-    sizes = [int(float(s) * MiB) for s in a.sizes.split(",")]
-    rounds = {size: max(8, a.rounds * 4 * MiB // max(size, 4 * MiB)) for size in sizes}
-    ref, reason = redis_reference(sizes, max(rounds.values()))
+    run = parse_run(__doc__.split("\n\n")[0])
     with spawn_daemon("2GiB") as addr:
-        asyncio.run(_run(addr, sizes, rounds, ref))
-    if reason:
-        print(f"redis: not run ({reason})")
+        asyncio.run(_run(addr, run.sizes, run.rounds, run.redis))
+    if run.redis_missing:
+        print(f"redis: not run ({run.redis_missing})")
     print("(ratios: how many times faster than the reference, p50 against p50; one request at a time)")
 
 
-async def _run(addr: str, sizes: list[int], rounds: dict[int, int], ref: dict[int, object]) -> None:
+async def _run(addr: str, sizes: list[int], rounds: dict[int, int], ref: dict[int, PeerResult]) -> None:
     kb = KeyBuilder(Namespace("bench", "async"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     print(f"{'size':>6} {'path':<16} {'put p50 ms':>10} {'get p50 ms':>10} {'put vs grpcio':>13} {'get vs grpcio':>13} "
           f"{'get vs Redis':>12}")
@@ -61,12 +49,12 @@ async def _run(addr: str, sizes: list[int], rounds: dict[int, int], ref: dict[in
             for name, (puts, gets) in times.items():
                 put, get = statistics.median(puts), statistics.median(gets)
                 r = ref.get(size)
-                vs_redis = f"{r.get_p50_ms / (get * 1e3):>11.2f}x" if r is not None else f"{'n/a':>12}"  # type: ignore[attr-defined]
+                vs_redis = f"{r.get_p50_ms / (get * 1e3):>11.2f}x" if r is not None else f"{'n/a':>12}"
                 print(f"{size // MiB:>4}Mi {name:<16} {put * 1e3:>10.3f} {get * 1e3:>10.3f} {base_put / put:>12.2f}x "
                       f"{base_get / get:>12.2f}x {vs_redis}")
             if size in ref:
                 r = ref[size]
-                print(f"{size // MiB:>4}Mi {'redis (ref)':<16} {r.put_p50_ms:>10.3f} {r.get_p50_ms:>10.3f}")  # type: ignore[attr-defined]
+                print(f"{size // MiB:>4}Mi {'redis (ref)':<16} {r.put_p50_ms:>10.3f} {r.get_p50_ms:>10.3f}")
         print(f"calls over HTTP/2: {h2.http2_puts} puts, {h2.http2_gets} gets "
               f"(the grpcio client: {grpcio.http2_puts}, {grpcio.http2_gets})")
 
@@ -74,25 +62,14 @@ async def _run(addr: str, sizes: list[int], rounds: dict[int, int], ref: dict[in
 async def _measure(
     paths: dict[str, AsyncClient], kb: KeyBuilder, size: int, rounds: int
 ) -> dict[str, tuple[list[float], list[float]]]:
-    keys = [kb.segment_key([size, i]) for i in range(SLOTS)]
-    src = torch.randint(0, 255, (size,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    stamp = src[:8].view(torch.int64)
-    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in paths}
-    for i in range(rounds + 2):
-        for j, (name, c) in enumerate(paths.items()):
-            stamp[0] = i * len(paths) + j  # new content: the daemon must store it
-            t0 = time.perf_counter()
-            await c.put(keys[i % SLOTS], src)
-            t1 = time.perf_counter()
-            await c.get_into(keys[i % SLOTS], dst)
-            t2 = time.perf_counter()
-            if not torch.equal(src, dst):
-                raise RuntimeError(f"{name}: wrong bytes back for a {size}-byte value")
-            if i >= 2:  # warm-up rounds
-                out[name][0].append(t1 - t0)
-                out[name][1].append(t2 - t1)
-    return out
+    r = Rounds(paths, kb, size, rounds)
+    for i, name, key in r.steps():
+        t0 = time.perf_counter()
+        await paths[name].put(key, r.src)
+        t1 = time.perf_counter()
+        await paths[name].get_into(key, r.dst)
+        r.record(i, name, t0, t1, time.perf_counter())
+    return r.times
 
 
 if __name__ == "__main__":

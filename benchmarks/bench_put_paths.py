@@ -18,37 +18,25 @@ get latencies and the ratio of each put to grpcio's and to Redis's SET.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-import torch
-
-from kvstore.bench.peer_redis import redis_reference
+from kvstore.bench.paths import MiB, Rounds, parse_run
 from kvstore.bench.runner import spawn_daemon
 from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 
-MiB = 1 << 20
-SLOTS = 8
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1,4,16,32", help="value sizes in MiB")
-    ap.add_argument("--rounds", type=int, default=40, help="puts per client and size (fewer above 4 MiB)")
-    a = ap.parse_args()
-    torch.set_num_threads(1)  # like the clients of kvstore bench
-    sizes = [int(float(s) * MiB) for s in a.sizes.split(",")]
-    rounds = {size: max(8, a.rounds * 4 * MiB // max(size, 4 * MiB)) for size in sizes}
-    ref, reason = redis_reference(sizes, max(rounds.values()))
+    run = parse_run(__doc__.split("\n\n")[0])
+    ref = run.redis
     kb = KeyBuilder(Namespace("bench", "puts"), LayoutFingerprint("uint8", 1, 1, 1, chunk_size=1))
     print(f"{'size':>6} {'path':<22} {'put p50 ms':>10} {'get p50 ms':>10} {'put GB/s':>9} {'vs grpcio':>9} {'vs Redis':>9}")
     with spawn_daemon("2GiB") as addr:
         with Client(addr, shm=False) as h2, Client(addr, shm=False, http2_put=False) as grpcio:
             paths = {"HTTP/2 (http2_put)": h2, "grpcio": grpcio}
-            for size in sizes:
-                times = _measure(paths, kb, size, rounds[size])
+            for size in run.sizes:
+                times = _measure(paths, kb, size, run.rounds[size])
                 grpc_put = statistics.median(times["grpcio"][0])
                 for name, (puts, gets) in times.items():
                     put = statistics.median(puts)
@@ -61,31 +49,20 @@ def main() -> None:
                     print(f"{size // MiB:>4}Mi {'redis (reference)':<22} {r.put_p50_ms:>10.3f} {r.get_p50_ms:>10.3f} "
                           f"{r.put_gbps:>9.2f}")
             print(f"puts over HTTP/2: {h2.http2_puts} (client with http2_put=False: {grpcio.http2_puts})")
-    if reason:
-        print(f"redis: not run ({reason})")
+    if run.redis_missing:
+        print(f"redis: not run ({run.redis_missing})")
     print("(ratios: how many times faster than the other put, p50 against p50; one client, one request at a time)")
 
 
 def _measure(paths: dict[str, Client], kb: KeyBuilder, size: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
-    keys = [kb.segment_key([size, i]) for i in range(SLOTS)]
-    src = torch.randint(0, 255, (size,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    stamp = src[:8].view(torch.int64)
-    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in paths}
-    for i in range(rounds + 2):
-        for j, (name, c) in enumerate(paths.items()):
-            stamp[0] = i * len(paths) + j  # new content: the daemon must store it
-            t0 = time.perf_counter()
-            c.put(keys[i % SLOTS], src)
-            t1 = time.perf_counter()
-            c.get_into(keys[i % SLOTS], dst)
-            t2 = time.perf_counter()
-            if not torch.equal(src, dst):
-                raise RuntimeError(f"{name}: wrong bytes back for a {size}-byte value")
-            if i >= 2:  # warm-up rounds
-                out[name][0].append(t1 - t0)
-                out[name][1].append(t2 - t1)
-    return out
+    r = Rounds(paths, kb, size, rounds)
+    for i, name, key in r.steps():
+        t0 = time.perf_counter()
+        paths[name].put(key, r.src)
+        t1 = time.perf_counter()
+        paths[name].get_into(key, r.dst)
+        r.record(i, name, t0, t1, time.perf_counter())
+    return r.times
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import TypeVar
 import torch
 import xxhash
 
-from kvstore.chunk import SUM_LEAF, checksummer, sum_leaves
+from kvstore.chunk import SUM_LEAF, byte_view, checksummer, sum_leaves
 
 T = TypeVar("T")
 #: Parts are cut at multiples of this (pages: neither side shares a page between threads).
@@ -207,22 +207,18 @@ def _tensor(b: Buffer) -> torch.Tensor:
         return b
     if not b.nbytes:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(_flat(b), dtype=torch.uint8)
+    return torch.frombuffer(byte_view(b), dtype=torch.uint8)
 
 
 def _view(b: Buffer) -> memoryview:
     """The bytes of a host buffer (a part of a copy's destination)."""
-    return _flat(b) if isinstance(b, memoryview) else memoryview(b.numpy())  # type: ignore[arg-type]
-
-
-def _flat(b: memoryview) -> memoryview:
-    return b if b.format == "B" and b.ndim == 1 else b.cast("B")
+    return byte_view(b) if isinstance(b, memoryview) else memoryview(b.numpy())  # type: ignore[arg-type]
 
 
 def _copy_part(dst: Buffer, src: Buffer) -> None:
     if isinstance(dst, memoryview) and isinstance(src, memoryview):
         # memcpy, with no tensors to make: 1-5 us less than torch for small copies.
-        _flat(dst)[:] = _flat(src)
+        byte_view(dst)[:] = byte_view(src)
     else:
         _tensor(dst).copy_(_tensor(src))
 
