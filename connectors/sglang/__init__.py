@@ -7,6 +7,7 @@ See docs/sglang.md.
 
 from .options import HiCacheOptions
 from .pages import PageGeometry, geometry_of
-from .storage import HiCacheStats, KVStoreHiCacheStorage
+from .stats import HiCacheStats
+from .storage import KVStoreHiCacheStorage
 
 __all__ = ["HiCacheOptions", "HiCacheStats", "KVStoreHiCacheStorage", "PageGeometry", "geometry_of"]

@@ -21,12 +21,9 @@ calls, and from where (``sglang/srt/managers/cache_controller.py``):
   and any caller storing arbitrary tensors;
 * ``clear()`` on a cache flush, ``get_stats()`` with storage metrics on.
 
-Keys: SGLang's page key (a 64-hex chained sha256 of the page's tokens) becomes
-the digest of a kvstore :class:`~kvstore.keys.ChunkKey` in the namespace
-``tenant/model``, with a layout fingerprint over dtype, layers, heads, head
-dim, page size, the tensor-parallel shard (TP rank/size; for MLA, whose latent
-is the same on every TP rank, the decode-context-parallel shard instead) and
-pipeline / context-parallel stage.  Pages are stored in a canonical layout
+Keys: SGLang's page key becomes a kvstore :class:`~kvstore.keys.ChunkKey` in
+the namespace ``tenant/model`` with a fingerprint of the page layout, shard
+and stage (:mod:`.page_keys`).  Pages are stored in a canonical layout
 (:mod:`.pages`), so engines with different host layouts share them.
 
 Failures: a daemon that is down, slow or full turns into misses (``None``,
@@ -37,53 +34,30 @@ the daemon stays down.  Malformed arguments (a caller's bug) still raise.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from kvstore.client.payload import dtype_name
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.keys import ChunkKey, LayoutFingerprint, Namespace
+from kvstore.keys import ChunkKey
 from kvstore.tiers.breaker import BreakerConfig
 
 from .options import HiCacheOptions
+from .page_keys import PageKeys
 from .pages import PageGeometry, geometry_of
+from .stats import HiCacheStats, StatsRecorder
 from .stores import DaemonPageStore, LocalPageStore, LoopThread, PageStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MODEL_BAD = re.compile(r"[^A-Za-z0-9._/+-]+")
 #: A failed get may leave a request still writing into its staging buffer on
 #: the daemon side; such a buffer is handed back only after this long.
 _QUARANTINE_S = 30.0
-
-
-@dataclass
-class HiCacheStats:
-    """Counters since the backend started (pages, bytes, calls that failed)."""
-
-    pages_read: int = 0
-    pages_missed: int = 0
-    pages_written: int = 0
-    pages_skipped: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    lookups: int = 0
-    errors: int = 0
-    # Per batch since the last get_stats(): SGLang's StorageMetrics fields.
-    prefetch_pgs: list[int] = field(default_factory=list)
-    backup_pgs: list[int] = field(default_factory=list)
-    prefetch_bandwidth: list[float] = field(default_factory=list)
-    backup_bandwidth: list[float] = field(default_factory=list)
 
 
 class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is untyped
@@ -96,30 +70,13 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
             )
         self.options = HiCacheOptions.from_extra_config(storage_config.extra_config)
         self.storage_config = storage_config
-        self.namespace = Namespace(self.options.tenant, _model_id(self.options.model or storage_config.model_name))
-        c = storage_config
-        if c.is_mla_model:
-            # The latent is replicated across TP ranks: every rank shares one copy
-            # (SGLang lets only the writer rank store it); DCP ranks hold slices.
-            self._shard = (c.dcp_rank, c.dcp_size)
-        else:
-            self._shard = (c.tp_rank, c.tp_size)
-        stage = []
-        if c.pp_size > 1:
-            stage.append(f"pp={c.pp_rank}/{c.pp_size}")
-        if c.attn_cp_size > 1:
-            stage.append(f"cp={c.attn_cp_rank}/{c.attn_cp_size}")
-        self._stage = ";".join(stage)
-        self._raw_fp = LayoutFingerprint(
-            "uint8", 1, 1, 1, self._shard[0], self._shard[1], 1, self._layout_tag("sglang-raw")
-        ).digest
+        self.keys = PageKeys(storage_config, self.options.tenant, self.options.model)
+        self.namespace = self.keys.namespace
         self.geometry: PageGeometry | None = None
-        self._page_fp: str | None = None
-        self.stats = HiCacheStats()
-        self._stats_lock = threading.Lock()
+        self._counts = StatsRecorder(bool(storage_config.enable_storage_metrics))
         self._scratch = threading.local()
         self._closed = False
-        self._loop = LoopThread(f"kvstore-hicache-{self._shard[0]}")
+        self._loop = LoopThread(f"kvstore-hicache-{self.keys.shard[0]}")
         try:
             self.store: PageStore = self._loop.run(self._open_store())
         except BaseException:
@@ -129,8 +86,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
             "kvstore HiCache backend: %s store, namespace %s, shard %d/%d%s",
             self.options.mode,
             self.namespace,
-            *self._shard,
-            f", {self._stage}" if self._stage else "",
+            *self.keys.shard,
+            f", {self.keys.stage}" if self.keys.stage else "",
         )
 
     async def _open_store(self) -> PageStore:
@@ -155,33 +112,18 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
             durable=o.durable,
         )
 
-    def _layout_tag(self, name: str) -> str:
-        return f"{name};{self._stage}" if self._stage else name
-
     # -- registration ----------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """SGLang hands over its host pool: pages of its geometry become chunks."""
         geom = geometry_of(mem_pool_host, mla=bool(self.storage_config.is_mla_model))
-        tag = getattr(mem_pool_host, "storage_format_tag", None)
-        layout = self._layout_tag(geom.chunk_layout + (f";fmt={tag}" if tag else ""))
-        self._page_fp = LayoutFingerprint(
-            dtype_name(geom.dtype), geom.num_layers, geom.num_heads, geom.head_dim,
-            self._shard[0], self._shard[1], geom.page_size, layout,
-        ).digest
+        self.keys.register(geom, getattr(mem_pool_host, "storage_format_tag", None))
         self.geometry = geom
         super().register_mem_pool_host(mem_pool_host)
 
     # -- keys ------------------------------------------------------------------
-    def _key(self, key: str, fp: str) -> ChunkKey:
-        if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"a HiCache key must be a non-empty string, got {key!r}")
-        digest = key if _HEX64.match(key) else hashlib.sha256(key.encode()).hexdigest()
-        return ChunkKey(self.namespace, fp, "p" + digest)
-
     def page_keys(self, keys: Sequence[str]) -> list[ChunkKey]:
         """The kvstore keys of SGLang page keys (raw keys before a pool is registered)."""
-        fp = self._page_fp or self._raw_fp
-        return [self._key(k, fp) for k in keys]
+        return self.keys.pages(keys)
 
     def _is_page(self, t: Any) -> bool:
         g = self.geometry
@@ -193,8 +135,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         try:
             return self._loop.run(coro)
         except KVStoreError as exc:
-            with self._stats_lock:
-                self.stats.errors += 1
+            self._counts.add(errors=1)
             log.warning("kvstore HiCache %s failed (%s): %s", what, type(exc).__name__, exc)
             return default
 
@@ -221,35 +162,15 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
     def _pages_per_batch(self, geom: PageGeometry) -> int:
         return max(1, self.options.batch_bytes // geom.nbytes)
 
-    def _record(self, read: bool, pages: int, nbytes: int, seconds: float) -> None:
-        with self._stats_lock:
-            s = self.stats
-            if read:
-                s.pages_read += pages
-                s.bytes_read += nbytes
-                if self.storage_config.enable_storage_metrics:
-                    s.prefetch_pgs.append(pages)
-                    s.prefetch_bandwidth.append(nbytes / max(seconds, 1e-9) / 1e9)
-            else:
-                s.pages_written += pages
-                s.bytes_written += nbytes
-                if self.storage_config.enable_storage_metrics:
-                    s.backup_pgs.append(pages)
-                    s.backup_bandwidth.append(nbytes / max(seconds, 1e-9) / 1e9)
-
     # -- presence --------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        keys = [self._key(key, self._raw_fp)]
-        if self._page_fp is not None:
-            keys.insert(0, self._key(key, self._page_fp))
-        return any(self._call(self.store.exists(keys), [False], "exists"))
+        return any(self._call(self.store.exists(self.keys.both(key)), [False], "exists"))
 
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
         """Length of the leading run of ``keys`` that are stored (one Lookup RPC)."""
         if not keys:
             return 0
-        with self._stats_lock:
-            self.stats.lookups += 1
+        self._counts.add(lookups=1)
         return self._call(self.store.lookup(self.page_keys(keys)), 0, "batch_exists")
 
     # -- zero-copy v1: straight between host-pool slots and the store ------------
@@ -273,31 +194,42 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
 
         Stops at the first missing page (SGLang uses only the leading run)."""
         geom, slots = self._slots(keys, host_indices)
-        ckeys = self.page_keys(keys)
-        out = [False] * len(keys)
+        return self._get_pages(
+            geom, self.page_keys(keys), lambda i, page: self._page_view(geom, slots[i]).copy_(page),
+            leading=True, what="batch_get_v1",
+        )
+
+    def _get_pages(
+        self, geom: PageGeometry, ckeys: list[ChunkKey], place: Callable[[int, torch.Tensor], Any], *,
+        leading: bool, what: str,
+    ) -> list[bool]:
+        """Load pages in batches through a staging buffer, ``place(i, page)``
+        taking page ``i`` (canonical form) where it goes; per key, whether it
+        was found.  With ``leading`` it stops at the first page missing."""
+        out = [False] * len(ckeys)
         step = self._pages_per_batch(geom)
         nb = geom.nbytes
-        for start in range(0, len(keys), step):
-            n = min(step, len(keys) - start)
+        for start in range(0, len(ckeys), step):
+            n = min(step, len(ckeys) - start)
             t0 = time.perf_counter()
             buf, shared = self._staging(n * nb)
-            pages = [buf[i * nb : (i + 1) * nb].view(geom.dtype).view(geom.shape) for i in range(n)]
-            found = self._call(self.store.get_into(ckeys[start : start + n], pages), None, "batch_get_v1")
+            pages = _pages(buf, geom, n)
+            found = self._call(self.store.get_into(ckeys[start : start + n], pages), None, what)
             if found is None:
                 self._release(buf, shared, failed=True)
                 break
             hits = 0
-            for i in range(n):
-                if not found[i]:
+            for j in range(n):
+                if found[j]:
+                    place(start + j, pages[j])
+                    out[start + j] = True
+                    hits += 1
+                elif leading:
                     break
-                self._page_view(geom, slots[start + i]).copy_(pages[i])
-                out[start + i] = True
-                hits += 1
             self._release(buf, shared)
-            self._record(True, hits, hits * nb, time.perf_counter() - t0)
-            if hits < n:
-                with self._stats_lock:
-                    self.stats.pages_missed += len(keys) - start - hits
+            self._counts.transfer(True, hits, hits * nb, time.perf_counter() - t0)
+            if leading and hits < n:
+                self._counts.add(missed=len(ckeys) - start - hits)
                 break
         return out
 
@@ -320,15 +252,14 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
             todo = [i for i, p in enumerate(present) if not p]
             for i, p in enumerate(present):
                 out[i] = p
-            with self._stats_lock:
-                self.stats.pages_skipped += len(ckeys) - len(todo)
+            self._counts.add(skipped=len(ckeys) - len(todo))
         step = self._pages_per_batch(geom)
         nb = geom.nbytes
         for start in range(0, len(todo), step):
             group = todo[start : start + step]
             t0 = time.perf_counter()
             buf, shared = self._staging(len(group) * nb)
-            pages = [buf[j * nb : (j + 1) * nb].view(geom.dtype).view(geom.shape) for j in range(len(group))]
+            pages = _pages(buf, geom, len(group))
             for j, i in enumerate(group):
                 fill(i, pages[j])
             # put() returns None; a failure returns the default, False.
@@ -338,7 +269,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
                 break
             for i in group:
                 out[i] = True
-            self._record(False, len(group), len(group) * nb, time.perf_counter() - t0)
+            self._counts.transfer(False, len(group), len(group) * nb, time.perf_counter() - t0)
         return out
 
     # -- generic path: tensors in, tensors out ------------------------------------
@@ -360,8 +291,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         page_idx = [i for i, v in enumerate(values) if self._is_page(v)]
         ok = True
         if page_idx and geom is not None:
-            assert self._page_fp is not None
-            ckeys = [self._key(keys[i], self._page_fp) for i in page_idx]
+            ckeys = self.keys.pages([keys[i] for i in page_idx])
             done = self._put_pages(
                 geom, ckeys, lambda j, dst: dst.copy_(geom.flat_to_canonical(values[page_idx[j]]))
             )
@@ -369,13 +299,13 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         pages = set(page_idx)
         raw = [i for i in range(len(keys)) if i not in pages]
         if raw and ok:
-            ckeys = [self._key(keys[i], self._raw_fp) for i in raw]
+            ckeys = [self.keys.raw(keys[i]) for i in raw]
             tensors = [values[i].detach().to("cpu").contiguous() for i in raw]
             t0 = time.perf_counter()
             ok = self._call(self.store.put(ckeys, tensors), False, "batch_set") is None
             if ok:
                 n = sum(t.numel() * t.element_size() for t in tensors)
-                self._record(False, len(raw), n, time.perf_counter() - t0)
+                self._counts.transfer(False, len(raw), n, time.perf_counter() - t0)
         return ok
 
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
@@ -394,33 +324,20 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         geom = self.geometry
         page_idx = [i for i, t in enumerate(targets) if self._is_page(t)]
         if page_idx and geom is not None:
-            assert self._page_fp is not None
-            ckeys = [self._key(keys[i], self._page_fp) for i in page_idx]
-            step = self._pages_per_batch(geom)
-            nb = geom.nbytes
-            for start in range(0, len(page_idx), step):
-                group = page_idx[start : start + step]
-                t0 = time.perf_counter()
-                buf, shared = self._staging(len(group) * nb)
-                pages = [buf[j * nb : (j + 1) * nb].view(geom.dtype).view(geom.shape) for j in range(len(group))]
-                found = self._call(self.store.get_into(ckeys[start : start + len(group)], pages), None, "batch_get")
-                if found is None:
-                    self._release(buf, shared, failed=True)
-                    break
-                hits = 0
-                for j, i in enumerate(group):
-                    if found[j]:
-                        geom.flat_to_canonical(targets[i]).copy_(pages[j])
-                        out[i] = targets[i]
-                        hits += 1
-                self._release(buf, shared)
-                self._record(True, hits, hits * nb, time.perf_counter() - t0)
+            ckeys = self.keys.pages([keys[i] for i in page_idx])
+
+            def place(j: int, page: torch.Tensor) -> None:
+                i = page_idx[j]
+                geom.flat_to_canonical(targets[i]).copy_(page)
+                out[i] = targets[i]
+
+            self._get_pages(geom, ckeys, place, leading=False, what="batch_get")
         is_page = set(page_idx)
         for i in range(len(keys)):
             if i in is_page:
                 continue
             t0 = time.perf_counter()
-            got = self._call(self.store.get(self._key(keys[i], self._raw_fp)), None, "get")
+            got = self._call(self.store.get(self.keys.raw(keys[i])), None, "get")
             if got is None:
                 continue
             target = targets[i]
@@ -432,9 +349,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
                 target.view(torch.uint8).reshape(-1).copy_(got.reshape(-1).view(torch.uint8))
                 got = target
             out[i] = got
-            self._record(True, 1, got.numel() * got.element_size(), time.perf_counter() - t0)
-        with self._stats_lock:
-            self.stats.pages_missed += sum(1 for o in out if o is None)
+            self._counts.transfer(True, 1, got.numel() * got.element_size(), time.perf_counter() - t0)
+        self._counts.add(missed=sum(1 for o in out if o is None))
         return out
 
     # -- housekeeping -------------------------------------------------------------
@@ -451,14 +367,16 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         except ImportError as exc:  # the full SGLang install is missing pieces
             log.warning("kvstore HiCache get_stats: cannot import SGLang's StorageMetrics: %s", exc)
             return None
-        with self._stats_lock:
-            s = self.stats
-            m = StorageMetrics(
-                prefetch_pgs=s.prefetch_pgs, backup_pgs=s.backup_pgs,
-                prefetch_bandwidth=s.prefetch_bandwidth, backup_bandwidth=s.backup_bandwidth,
-            )
-            s.prefetch_pgs, s.backup_pgs, s.prefetch_bandwidth, s.backup_bandwidth = [], [], [], []
-        return m
+        prefetch_pgs, backup_pgs, prefetch_bandwidth, backup_bandwidth = self._counts.take_batches()
+        return StorageMetrics(
+            prefetch_pgs=prefetch_pgs, backup_pgs=backup_pgs,
+            prefetch_bandwidth=prefetch_bandwidth, backup_bandwidth=backup_bandwidth,
+        )
+
+    @property
+    def stats(self) -> HiCacheStats:
+        """Counters since start (see :class:`~.stats.HiCacheStats`)."""
+        return self._counts.stats
 
     @property
     def uses_shm(self) -> bool:
@@ -480,8 +398,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang is 
         self.close()
 
 
-def _model_id(name: str | None) -> str:
-    """SGLang's model name (a path or hub id) as a valid namespace model."""
-    text = _MODEL_BAD.sub("-", name or "").strip("/")
-    text = re.sub(r"/{2,}", "/", text).lstrip("._+-/")
-    return text[:256] or "unnamed"
+def _pages(buf: torch.Tensor, geom: PageGeometry, n: int) -> list[torch.Tensor]:
+    """``n`` pages of ``geom`` (canonical shape) side by side in ``buf``."""
+    nb = geom.nbytes
+    return [buf[j * nb : (j + 1) * nb].view(geom.dtype).view(geom.shape) for j in range(n)]

@@ -40,17 +40,16 @@ import grpc
 import torch
 
 from kvstore.chunk import ChunkMeta
-from kvstore.client import h2calls
+from kvstore.client import h2calls, segment_io
 from kvstore.client.arena_writes import filled, not_written
 from kvstore.client.channel import ClientTLS, Retries, open_channel
 from kvstore.client.payload import Fetched, KeyLike, Value, copy_into, key_text, to_payload
-from kvstore.client.shm import ClientSegment, get_item, put_item
+from kvstore.client.shm import ClientSegment
 from kvstore.client.shm_session import ShmSession
 from kvstore.client.stream import StreamCalls
 from kvstore.tiers.memory import tensor_view
 from kvstore.errors import InvalidArgument, KVStoreError, NotFound
 from kvstore.server.shm_channel import KIND_GET, KIND_PUT
-from kvstore.server.messages import meta_from_pb
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -187,6 +186,12 @@ class AsyncClient:
             kind, request, parse, lambda: self._call(lambda t: rpc(request, metadata=self._metadata, timeout=t))
         )
 
+    async def _shm_put(self, request: pb.ShmPutRequest) -> pb.PutReply:
+        return await self._shm_call(KIND_PUT, request, pb.PutReply.FromString, self._stub.ShmPut)
+
+    async def _shm_get(self, request: pb.ShmGetRequest) -> pb.ShmGetReply:
+        return await self._shm_call(KIND_GET, request, pb.ShmGetReply.FromString, self._stub.ShmGet)
+
     @property
     def timeout_s(self) -> float:
         """The deadline of each call, in seconds."""
@@ -252,7 +257,7 @@ class AsyncClient:
         prepared = [(key_text(k), *to_payload(v, with_checksum=seg is None), v) for k, v in items]
         if seg is not None:
             try:
-                out = await self._put_shm(seg, prepared, durable)
+                out = await segment_io.put(seg, prepared, durable, self._shm_put)
             except NotFound:
                 self._local.forget(seg)
                 out = None
@@ -286,29 +291,6 @@ class AsyncClient:
                 )
             prepared.append((key_text(k), meta, view))
         return await self._put_stream(prepared, durable) if prepared else []
-
-    async def _put_shm(
-        self, seg: ClientSegment, prepared: list[tuple[str, ChunkMeta, memoryview, Value]], durable: bool
-    ) -> list[str] | None:
-        items: list[pb.ShmPutItem] = []
-        owned: list[int] = []
-        try:
-            for key, meta, data, value in prepared:
-                off = seg.offset_of(value) if isinstance(value, torch.Tensor) else None
-                if off is None:
-                    off = seg.alloc(meta.nbytes)
-                    if off is None:
-                        return None  # does not fit: use the stream
-                    owned.append(off)
-                    if meta.nbytes:
-                        seg.view(off, meta.nbytes).copy_(torch.frombuffer(data, dtype=torch.uint8))
-                items.append(put_item(seg, key, meta, off))
-            req = pb.ShmPutRequest(items=items, durable=durable)
-            reply = await self._shm_call(KIND_PUT, req, pb.PutReply.FromString, self._stub.ShmPut)
-            return [r.tier for r in reply.results]
-        finally:
-            for off in owned:
-                seg.free(off)
 
     async def _put_stream(self, prepared: list[tuple[str, ChunkMeta, memoryview]], durable: bool) -> list[str]:
         """Put over the byte stream: the HTTP/2 connection when it is free, else grpcio."""
@@ -358,37 +340,9 @@ class AsyncClient:
         read = self._read_shared(key, out)
         if read is not None:
             return read
-        room = 0 if out is None else out.numel() * out.element_size()
-        direct = None if out is None else seg.offset_of(out)
-        size_hint = room or 16 << 20
-        for _ in range(2):
-            off = direct if direct is not None else seg.alloc(size_hint)
-            if off is None:
-                break  # segment too full: use the stream
-            try:
-                req = pb.ShmGetRequest(items=[get_item(seg, key, off, size_hint)])
-                reply = await self._shm_call(KIND_GET, req, pb.ShmGetReply.FromString, self._stub.ShmGet)
-                res = reply.results[0]
-                if not res.found:
-                    return None
-                meta = meta_from_pb(res.meta)
-                if not res.written:
-                    if out is not None:
-                        raise InvalidArgument(f"output has room for {room} bytes, the chunk has {meta.nbytes}")
-                    size_hint = meta.nbytes
-                    continue
-                src = seg.view(off, meta.nbytes)
-                if out is not None:
-                    if direct is None:
-                        out.reshape(-1).view(torch.uint8)[: meta.nbytes].copy_(src)
-                    return Fetched(meta, memoryview(b""))
-                data = bytearray(meta.nbytes)
-                if meta.nbytes:
-                    torch.frombuffer(data, dtype=torch.uint8).copy_(src)
-                return Fetched(meta, memoryview(data))
-            finally:
-                if direct is None and off is not None:
-                    seg.free(off)
+        done, fetched = await segment_io.get(seg, key, out, self._shm_get)
+        if done:
+            return fetched
         got = (await self._get_stream([key]))[0]
         if got is not None and out is not None:
             copy_into(out, got)

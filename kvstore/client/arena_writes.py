@@ -31,7 +31,7 @@ from kvstore.server.direct_writes import MAX_HELD, SUMS
 from kvstore.server.messages import meta_to_pb
 from kvstore.tiers.copier import SPLIT_SUMMED, copy_summed_at
 from kvstore.tiers.memory import as_uint8_tensor
-from kvstore.tiers.shared_arena import ArenaReader
+from kvstore.tiers.arena_reader import ArenaReader
 from kvstore.v1 import kvstore_pb2 as pb
 
 MAX_MICROS = (1 << 32) - 1

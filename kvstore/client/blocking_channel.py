@@ -38,7 +38,8 @@ from kvstore.server.shm_channel import (
     encode,
 )
 from kvstore.tiers.shared_arena import SUPPORTED as SHARING_SUPPORTED
-from kvstore.tiers.shared_arena import DESCRIPTION, ArenaReader
+from kvstore.tiers.arena_reader import ArenaReader
+from kvstore.tiers.shared_arena import DESCRIPTION
 from kvstore.v1 import kvstore_pb2 as pb
 
 

@@ -1,4 +1,5 @@
-"""The shared arena and its index (kvstore/tiers/shared_arena.py), both sides in one process.
+"""The shared arena and its index (kvstore/tiers/shared_arena.py) and their reader
+(kvstore/tiers/arena_reader.py), both sides in one process.
 
 The reader maps read-only descriptors, as a client does; the concurrency test
 rewrites and reuses blocks from a second thread while reads copy, and checks
@@ -18,6 +19,7 @@ from kvstore.chunk import Chunk, ChunkMeta, checksum
 from kvstore.errors import InvalidArgument
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers import shared_arena as sa
+from kvstore.tiers.arena_reader import SPLIT_MIN, ArenaReader
 from kvstore.tiers.memory import MemoryTier
 
 # Only x86-64 gives the seqlock the load/store ordering it relies on, so the daemon shares its
@@ -28,11 +30,11 @@ MiB = 1 << 20
 KEY = "t/m/fp/0001"
 
 
-def pair(arena_bytes: int = 16 * MiB, buckets: int | None = None) -> tuple[sa.SharedArena, sa.ArenaReader]:
+def pair(arena_bytes: int = 16 * MiB, buckets: int | None = None) -> tuple[sa.SharedArena, ArenaReader]:
     shared = sa.SharedArena(arena_bytes, buckets=buckets)
     fds = shared.client_fds()
     try:
-        reader = sa.ArenaReader(*fds, shared.describe())
+        reader = ArenaReader(*fds, shared.describe())
     finally:
         for fd in fds:
             os.close(fd)
@@ -183,7 +185,7 @@ async def test_memory_tier_publishes_what_it_holds() -> None:
     await tier.open()
     assert tier.shared is not None
     fds = tier.shared.client_fds()
-    reader = sa.ArenaReader(*fds, tier.shared.describe())
+    reader = ArenaReader(*fds, tier.shared.describe())
     for fd in fds:
         os.close(fd)
     key = ChunkKey(Namespace("t", "m"), "0" * 16, "s" + "ab" * 32)
@@ -203,7 +205,7 @@ def test_reads_inside_inference_mode() -> None:
     """Engines run in torch's inference mode; large reads are split over a helper
     thread, which must not write into an inference tensor (torch refuses)."""
     shared, reader = pair(32 * MiB)
-    data = os.urandom(sa.SPLIT_MIN + 4096)
+    data = os.urandom(SPLIT_MIN + 4096)
     put(shared, KEY, 0, data)
     with torch.inference_mode():
         out = torch.empty(len(data), dtype=torch.uint8)
