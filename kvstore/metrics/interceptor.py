@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,20 +41,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             inner_gen = getattr(h, attr)
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                t0 = time.perf_counter()
-                code = "UNKNOWN"
-                try:
+                with _timed(observe, label, context):
                     async for item in inner_gen(request, context):
                         yield item
-                    code = _code(context, "OK")
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = "CANCELLED"  # the client went away mid-stream
-                    raise
-                except BaseException:
-                    code = _code(context, "UNKNOWN")
-                    raise
-                finally:
-                    observe(label, time.perf_counter() - t0, code)
 
             replaced: grpc.RpcMethodHandler[Any, Any] = h._replace(**{attr: streaming})
             return replaced
@@ -61,23 +51,33 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         inner = getattr(h, attr)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            t0 = time.perf_counter()
-            code = "UNKNOWN"
-            try:
-                reply = await inner(request, context)
-                code = _code(context, "OK")
-                return reply
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code(context, "UNKNOWN")
-                raise
-            finally:
-                observe(label, time.perf_counter() - t0, code)
+            with _timed(observe, label, context):
+                return await inner(request, context)
 
         wrapped: grpc.RpcMethodHandler[Any, Any] = h._replace(**{attr: unary})
         return wrapped
+
+
+@contextlib.contextmanager
+def _timed(
+    observe: Callable[[str, float, str], None], label: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> Iterator[None]:
+    """Time the call inside, then ``observe`` it with its status code: the
+    context's, else OK or UNKNOWN by how it ended; CANCELLED when the client
+    went away (cancelled, or a stream closed mid-way)."""
+    t0 = time.perf_counter()
+    code = "UNKNOWN"
+    try:
+        yield
+        code = _code(context, "OK")
+    except (asyncio.CancelledError, GeneratorExit):
+        code = "CANCELLED"
+        raise
+    except BaseException:
+        code = _code(context, "UNKNOWN")
+        raise
+    finally:
+        observe(label, time.perf_counter() - t0, code)
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:

@@ -4,7 +4,8 @@ A *tier* stores chunks: GPU memory, CPU memory, local disk, a remote store.
 It does **not** decide what to evict; the :class:`~kvstore.store.TieredStore`
 does that with the tier's eviction policy, asking the tier whether a chunk
 :meth:`Tier.fits` and deleting victims until it does.  Networked tiers whose
-server evicts on its own (Redis with ``maxmemory``) set ``managed = False``.
+server evicts on its own (Redis with ``maxmemory``, another daemon) derive
+from :class:`UnmanagedTier` (``managed = False``).
 
 Primitives and when they are called:
 
@@ -144,3 +145,34 @@ class Tier(ABC):
             chunks=len(self),
             counters=TierCounters(**{f: getattr(self.counters, f) for f in TierCounters.__slots__}),
         )
+
+
+class UnmanagedTier(Tier):
+    """A tier whose server evicts on its own (``managed = False``): it keeps no
+    local index and does not know its sizes, so the store never evicts from
+    it and asks it for presence in batches (:meth:`contains_many`)."""
+
+    managed: ClassVar[bool] = False
+
+    @property
+    def capacity_bytes(self) -> int:
+        """0: unknown here; the server's own limits bound it."""
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def fits(self, nbytes: int) -> bool:
+        return True
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Always False: no local index; use :meth:`contains_many`."""
+        return False
+
+    def entries(self) -> Iterable[tuple[ChunkKey, int]]:
+        return ()
+

@@ -23,7 +23,7 @@ would ask A again, until the time bound runs out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -40,7 +40,7 @@ from kvstore.errors import (
     Unauthenticated,
 )
 from kvstore.keys import ChunkKey
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import UnmanagedTier
 from kvstore.tiers.breaker import BreakerConfig, CircuitBreaker
 
 if TYPE_CHECKING:
@@ -128,11 +128,11 @@ def _check(value: object, name: str, lo: float, hi: float, unit: str, *, integer
         raise ConfigError(f"{name} must be {what} of {unit} in [{lo:g}, {hi:g}], got {value!r}")
 
 
-class PeerTier(Tier):
-    """Another daemon, reached over gRPC; see the module docstring."""
+class PeerTier(UnmanagedTier):
+    """Another daemon, reached over gRPC; see the module docstring.  Sizes unknown:
+    the peer evicts on its own."""
 
     kind: ClassVar[str] = "peer"
-    managed: ClassVar[bool] = False
 
     def __init__(self, name: str, config: PeerTierConfig) -> None:
         super().__init__(name)
@@ -177,29 +177,6 @@ class PeerTier(Tier):
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-
-    # -- sizes: unknown, the peer evicts on its own ---------------------------------------
-    @property
-    def capacity_bytes(self) -> int:
-        """0: unknown here; the peer's own tiers bound it."""
-        return 0
-
-    @property
-    def used_bytes(self) -> int:
-        return 0
-
-    def __len__(self) -> int:
-        return 0
-
-    def fits(self, nbytes: int) -> bool:
-        return True
-
-    def contains(self, key: ChunkKey) -> bool:
-        """Always False: no local index; use :meth:`contains_many`."""
-        return False
-
-    def entries(self) -> Iterable[tuple[ChunkKey, int]]:
-        return ()
 
     # -- plumbing ----------------------------------------------------------------------------
     def _peer(self) -> AsyncClient:

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kvstore.chunk import Chunk
@@ -85,7 +85,6 @@ class RedisTier(RedisConnection):
     """Chunks in Redis / Valkey (standalone or cluster); see the module docstring."""
 
     kind: ClassVar[str] = "redis"
-    managed: ClassVar[bool] = False
 
     def __init__(self, name: str, config: RedisTierConfig) -> None:
         super().__init__(name, config)
@@ -98,29 +97,6 @@ class RedisTier(RedisConnection):
         #: Multi-part puts the part writer handed to redis-py (TLS not counted).
         self.write_fallbacks = 0
         self._pool = BufferPool(config.buffer_pool_bytes)
-
-    # -- sizes: unknown, Redis evicts on its own ------------------------------------
-    @property
-    def capacity_bytes(self) -> int:
-        """0: the tier does not know; Redis' ``maxmemory`` bounds it (see INFO memory)."""
-        return 0
-
-    @property
-    def used_bytes(self) -> int:
-        return 0
-
-    def __len__(self) -> int:
-        return 0
-
-    def fits(self, nbytes: int) -> bool:
-        return True
-
-    def contains(self, key: ChunkKey) -> bool:
-        """Always False: the tier keeps no local index; use :meth:`contains_many`."""
-        return False
-
-    def entries(self) -> Iterable[tuple[ChunkKey, int]]:
-        return ()
 
     # -- keys ----------------------------------------------------------------------
     def manifest_key(self, key: ChunkKey) -> str:

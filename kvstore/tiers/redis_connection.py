@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from kvstore.errors import Closed, RemoteUnavailable
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import UnmanagedTier
 from kvstore.tiers.breaker import CircuitBreaker
 from kvstore.tiers.redis_config import RedisTierConfig, redact
 from kvstore.tiers.redis_parts import ConnectionAuth, Fallback, PartReader
@@ -29,7 +29,7 @@ log = logging.getLogger("kvstore.tiers.redis")  # the tier's logger, whichever m
 T = TypeVar("T")
 
 
-class RedisConnection(Tier):
+class RedisConnection(UnmanagedTier):
     """How a :class:`~kvstore.tiers.redis.RedisTier` reaches Redis; see the module docstring."""
 
     def __init__(self, name: str, config: RedisTierConfig) -> None:
