@@ -37,7 +37,7 @@ from tests.client.test_direct_reads import DTYPES, values
 from tests.server import MiB, key
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
 from tests.support.threads import run_workers
-from tests.test_metrics import free_port, scrape
+from tests.support.metrics import free_port, scrape
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 

@@ -28,7 +28,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from tests.server import MiB, blob, channel, key, stub
 from tests.server.test_shm_channel import Registered, call, error_of, is_closed, read
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
-from tests.test_metrics import free_port, scrape
+from tests.support.metrics import free_port, scrape
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared arena is offered on x86-64 only")
 

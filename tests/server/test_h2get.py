@@ -55,7 +55,7 @@ from tests.server import MiB, bearer, blob, channel, health, key, raw_get, raw_p
 from tests.server import test_auth_tls as auth_tls
 from tests.support.daemon import DaemonProcess, cpu_and_disk, cpu_only
 from tests.support.threads import run_workers
-from tests.test_metrics import free_port, metric, scrape
+from tests.support.metrics import free_port, metric, scrape
 
 # Fixtures of tests/server/test_auth_tls.py: a daemon with a token file (module scope) and test certificates.
 authd = auth_tls.authd

@@ -53,7 +53,7 @@ from tests.server import test_h2get as h2get
 from tests.server.test_h2get import H2, Reply, Served, discover, header_block, request
 from tests.support.daemon import DaemonProcess, cpu_only
 from tests.support.threads import run_workers
-from tests.test_metrics import free_port, scrape
+from tests.support.metrics import free_port, scrape
 
 # Fixtures of tests/server/test_h2get.py: the daemon with its listener (module scope), a grpcio
 # channel to the listener, the check that the daemon still serves after a test; a daemon with tokens.
