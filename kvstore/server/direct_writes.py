@@ -62,7 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from kvstore.chunk import ChunkMeta
-from kvstore.errors import CapacityError, Closed, InvalidArgument, KVStoreError
+from kvstore.errors import CapacityError, Closed, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.metrics import Metrics
 from kvstore.server.auth import Principal
@@ -149,17 +149,13 @@ class DirectWrites:
         (:data:`SUMS` each), which the client sends once it has written the
         blocks: meanwhile this checks the request, makes room for the tenants'
         quotas and reserves the next blocks, and stores nothing before they
-        come.  They are read also when the request is refused."""
+        come.  A refusal may come before they are read: the channel that
+        carries them reads them then (kvstore/server/shm_channel.py)."""
         if request.checksums_follow and sums is None:
             raise InvalidArgument("checksums_follow: this channel cannot carry the checksums")
         sums = sums if request.checksums_follow else None
-        try:
-            self.refuse()
-            items = self._check(request, principal, held)
-        except KVStoreError:
-            if sums is not None:
-                await sums()  # the client sends them anyway: stay in step
-            raise
+        self.refuse()
+        items = self._check(request, principal, held)
         for off in request.release:
             if held.pop(off, None) is not None:
                 self._store.release(off)

@@ -197,6 +197,7 @@ class ShmChannel:
         self._conns.add(writer)
         held: Held = {}  # blocks this connection reserved for direct writes
         writable = False  # whether its attach got the arena writable (W needs that)
+        follow = functools.partial(_sums, reader)  # a W's checksums, read where they are due
         try:
             principal: Principal | None = None
             while True:
@@ -226,7 +227,6 @@ class ShmChannel:
                         principal = self._hello(kind, body)
                         reply = b""
                     else:
-                        follow = functools.partial(_sums, reader)
                         reply = await self._request(kind, body, principal, held if writable else None, follow)
                     writer.write(encode(KIND_OK, reply))
                 except KVStoreError as exc:
@@ -316,6 +316,16 @@ class ShmChannel:
         finally:
             self._observe(method, time.perf_counter() - t0, code)
 
+    async def _write(
+        self, request: pb.ArenaPutRequest, principal: Principal, held: Held | None, sums: Sums | None
+    ) -> pb.ArenaPutReply:
+        if self._writes is None:
+            raise FailedPrecondition("this daemon takes no direct writes")
+        if held is None:
+            self._writes.refuse()  # says why, when they are not offered at all
+            raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
+        return await self._writes.put(request, principal, held, sums)
+
     async def _serve_request(
         self, kind: int, body: bytes, principal: Principal, held: Held | None, follow: Sums
     ) -> bytes:
@@ -323,19 +333,21 @@ class ShmChannel:
         writable.  ``follow``: the next message's body, an ``S`` (a W's checksums)."""
         if kind == KIND_WRITE:
             request = _parse(pb.ArenaPutRequest, body)
-            sums = follow if request.checksums_follow else None
+            if not request.checksums_follow:
+                return (await self._write(request, principal, held, None)).SerializeToString()
+            taken = False
+
+            async def sums() -> bytes:
+                nonlocal taken
+                taken = True
+                return await follow()
+
             try:
-                if self._writes is None:
-                    raise FailedPrecondition("this daemon takes no direct writes")
-                if held is None:
-                    self._writes.refuse()  # says why, when they are not offered at all
-                    raise FailedPrecondition("attach asking for the arena writable first (A with body 0x01)")
+                return (await self._write(request, principal, held, sums)).SerializeToString()
             except KVStoreError:
-                if sums is not None:
-                    await sums()  # the client sends them anyway: stay in step
+                if not taken:
+                    await follow()  # refused before it read them: the client sends them anyway, stay in step
                 raise
-            wrote = await self._writes.put(request, principal, held, sums)
-            return wrote.SerializeToString()
         if kind == KIND_PUT:
             put = await self._put(_parse(pb.ShmPutRequest, body), principal)
             return put.SerializeToString()

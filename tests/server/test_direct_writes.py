@@ -204,6 +204,17 @@ def test_a_refused_request_still_takes_its_checksums(daemon: DaemonProcess, writ
     assert get(daemon.address, k) == data
 
 
+def test_a_request_refused_for_room_still_takes_its_checksums(daemon: DaemonProcess, writer: Writer) -> None:
+    """Refused after its checks (no room for what it reserves): the S is still
+    read, the blocks reserved ahead go back, and the connection serves on."""
+    before = used(daemon.address)
+    writer.follow(reserve=[8 * MiB] * 8)  # 64 MiB: past the reserved share, all or none
+    status, message = error_of(writer.sums())
+    assert status == "RESOURCE_EXHAUSTED", message
+    assert used(daemon.address) == before
+    writer.ok(release=[writer.reserve(100)])
+
+
 def test_checksums_of_the_wrong_length_store_nothing(daemon: DaemonProcess, writer: Writer) -> None:
     """An S that does not have one checksum per item: INVALID_ARGUMENT, nothing
     stored, the blocks reserved ahead given back, the item's block still held."""
