@@ -48,12 +48,11 @@ from contextlib import contextmanager
 
 import torch
 
-from kvstore.bench.runner import DISTINCT_BYTES, bench_memcpy_distinct, spawn_daemon
+from kvstore.bench.runner import DISTINCT_BYTES, MiB, bench_memcpy_distinct, spawn_daemon
 from kvstore.client import Client
 from kvstore.keys import KeyBuilder, LayoutFingerprint, Namespace
 from kvstore.tiers.copier import SPLIT_SUMMED, copy_summed_at
 
-MiB = 1 << 20
 GOAL = 0.5
 
 #: The peer: answers each message with its bytes, blocking in recv or polling.
